@@ -1,0 +1,5 @@
+import sys
+
+from llumigrate.cli.main import main
+
+sys.exit(main())

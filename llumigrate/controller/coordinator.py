@@ -1,0 +1,206 @@
+"""Drives one migration through `migration.protocol.Migration` against two
+agents. All waiting has deadlines; every failure goes through
+`Migration.on_failure`, whose rollback leaves the request running on the
+source (or finished there) and frees what was reserved."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from llumigrate.controller.instance import Instance
+from llumigrate.controller.request import RequestHandle
+from llumigrate.engine.params import SealedRequest
+from llumigrate.errors import InstanceLost, LlumigrateError, MigrationAborted, MigrationRefused
+from llumigrate.migration.protocol import Action, Migration, MigrationConfig, State
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MigrationResult:
+    request_id: str
+    source: str
+    destination: str
+    state: str
+    reason: str = ""
+    abort_stage: str = ""
+    stages: int = 0
+    blocks_per_stage: list[int] = field(default_factory=list)
+    blocks_hit_at_commit: int = 0
+    blocks_loaded_at_commit: int = 0
+    context_tokens: int = 0
+    downtime_s: float | None = None
+    total_s: float = 0.0
+    history: list[str] = field(default_factory=list)
+
+    @property
+    def committed(self) -> bool:
+        return self.state == State.DONE.value
+
+
+class Coordinator:
+    def __init__(self, req: RequestHandle, src: Instance, dst: Instance,
+                 config: MigrationConfig, on_hop: callable) -> None:
+        self.req, self.src, self.dst, self.config = req, src, dst, config
+        self.m = Migration(config)
+        self.on_hop = on_hop
+        self.result = MigrationResult(req.request_id, src.instance_id, dst.instance_id, "")
+        self.sealed: SealedRequest | None = None
+        self.old_rid = req.engine_rid
+        self.new_rid = f"{req.request_id}#{req.hop + 1}"
+
+    async def run(self) -> MigrationResult:
+        t0 = time.monotonic()
+        try:
+            await self._reserve()
+            await self._precopy()
+            if not self.m.state.terminal:
+                await self._stop()
+            if self.m.state is State.COMMITTING:
+                await self._commit()
+                await self._release()
+        except (MigrationAborted, InstanceLost, LlumigrateError, asyncio.TimeoutError, OSError) as e:
+            reason = str(e) or type(e).__name__
+            logger.warning("migration of %s %s->%s failed in %s: %s", self.req.request_id,
+                           self.src.instance_id, self.dst.instance_id, self.m.state.value, reason)
+            await self._rollback(self.m.on_failure(reason))
+        r = self.result
+        r.state, r.reason, r.abort_stage = self.m.state.value, self.m.abort_reason, self.m.abort_stage
+        r.stages, r.total_s = self.m.stages_done, time.monotonic() - t0
+        r.history = [s.value for s in self.m.history] + [self.m.state.value]
+        return r
+
+    # -- steps -----------------------------------------------------------------
+    async def _reserve(self) -> None:
+        info = await self.dst.call("info", rpc_timeout=self.m.timeout_for())
+        bs = self.dst.block_size
+        need = -(-(len(self.req.all_token_ids) + bs) // bs)
+        free = int(info["load"]["free_blocks"])
+        if free < need:
+            raise MigrationRefused(
+                f"{self.dst.instance_id} has {free} free blocks; request needs {need}")
+        if len(self.req.all_token_ids) + 1 > int(info["max_model_len"]):
+            raise MigrationRefused(f"request longer than {self.dst.instance_id}'s max_model_len")
+        await self.src.call("track", rpc_timeout=self.m.timeout_for(), rid=self.old_rid)
+        self.m.on_reserved()
+
+    async def _precopy(self) -> None:
+        bs = self.src.block_size
+        while self.m.state is State.PRECOPY:
+            if self.req.finished:
+                await self._rollback(self.m.on_source_finished())
+                return
+            tokens = self.req.all_token_ids
+            full_blocks = (len(tokens) - 1) // bs
+            action = self.m.next_action(full_blocks)
+            if action is Action.STOP:
+                self.m.on_stop_begin()
+                return
+            n = full_blocks * bs
+            key = f"{self.new_rid}/pre{self.m.stages_done}"
+            res = await self.dst.call(
+                "precopy", rpc_timeout=self.m.timeout_for() + 5, key=key, tokens=tokens[: n + 1],
+                load=self._load(self.old_rid, n, final=False), timeout=self.m.timeout_for())
+            self.result.blocks_per_stage.append(int(res["loaded"]) // bs)
+            self.m.on_stage_done(full_blocks)
+
+    async def _stop(self) -> None:
+        req = self.req
+        res = await self.src.call("stop", rpc_timeout=self.m.timeout_for() + 2, rid=self.old_rid,
+                                  timeout=self.m.timeout_for())
+        if "finished" in res:  # it finished on the source before the stop landed
+            self.m.on_failure("request finished on the source")
+            self.m.state = State.ABORTED
+            return
+        self.sealed = s = SealedRequest.from_wire(res["sealed"])
+        self._last_src_token_at = req.last_token_at
+        recovered = s.tokens[len(req.all_token_ids):]
+        assert s.tokens[: len(req.all_token_ids)] == req.all_token_ids[: len(s.tokens)], \
+            "sealed tokens diverge from the delivered stream"
+        req.append(recovered)
+        self.result.context_tokens = len(s.tokens)
+        self.m.on_stopped()
+
+    async def _commit(self) -> None:
+        s, req = self.sealed, self.req
+        assert s is not None
+        generated = len(s.tokens) - len(req.prompt_token_ids)
+        sampling = req.continuation_sampling(generated)
+        if sampling.get("max_tokens") is not None and sampling["max_tokens"] <= 0:
+            raise MigrationAborted("no tokens left to generate", "committing")
+        n_before = len(req.output_token_ids)
+        self.on_hop(req, self.dst, req.hop + 1)  # route the new hop's events from here on
+        await self.dst.call("generate", rpc_timeout=self.m.timeout_for(), rid=self.new_rid,
+                            prompt_token_ids=s.tokens, sampling=sampling, priority=req.priority,
+                            load=self._load(self.old_rid, s.num_kv_tokens, final=True),
+                            generator_state=s.generator_state)
+        await req.wait_tokens(n_before + 1, timeout=self.m.timeout_for())
+        if req.finished and req.finish_reason in ("error", "abort") and \
+                len(req.output_token_ids) == n_before:
+            raise MigrationAborted(f"destination failed the request ({req.finish_reason})",
+                                   "committing")
+        if req.last_token_at is not None and self._last_src_token_at is not None:
+            self.result.downtime_s = req.last_token_at - self._last_src_token_at
+        self.m.on_committed()
+
+    async def _release(self) -> None:
+        try:
+            await self.src.call("release", rpc_timeout=self.m.timeout_for(), rid=self.old_rid)
+        except (LlumigrateError, asyncio.TimeoutError) as e:
+            logger.warning("release of %s on %s failed (lease frees it): %s", self.old_rid,
+                           self.src.instance_id, e)
+        self.m.on_released()
+
+    # -- rollback ----------------------------------------------------------------
+    async def _rollback(self, action: Action) -> None:
+        if action is Action.CANCEL:
+            try:
+                await self.src.call("untrack", rpc_timeout=5, rid=self.old_rid)
+            except Exception as e:  # the source may be the thing that failed
+                logger.info("untrack after abort failed: %s", e)
+            return
+        if action is not Action.RESUME_SOURCE:
+            return
+        # The source request is stopped and its blocks are held there. Undo any
+        # destination hop and continue it on the source from its own blocks.
+        req = self.req
+        if req.hop > 0 and req.engine_rid == self.new_rid:
+            try:
+                await self.dst.call("abort", rpc_timeout=5, rid=self.new_rid)
+            except Exception:
+                pass
+        try:
+            await self._resume_on_source()
+        except Exception as e:
+            logger.error("could not resume %s on its source: %s", req.request_id, e)
+            req.finish("error", error=f"migration rollback failed: {e}")
+            try:
+                await self.src.call("release", rpc_timeout=5, rid=self.old_rid)
+            except Exception:
+                pass
+        self.m.state = State.ROLLING_BACK
+        self.m.on_resumed()
+
+    async def _resume_on_source(self) -> None:
+        req = self.req
+        sealed = self.sealed
+        if sealed is None:  # the stop never sealed: there is nothing exact to resume from
+            raise MigrationAborted("source request was stopped but never sealed", "stopping")
+        # Tokens the destination produced before failing are kept only if it
+        # committed; here it did not, so continue from the sealed list.
+        del req.output_token_ids[len(sealed.tokens) - len(req.prompt_token_ids):]
+        generated = len(sealed.tokens) - len(req.prompt_token_ids)
+        self.on_hop(req, self.src, req.hop + 1)  # a fresh hop id, never reused
+        await self.src.call("generate", rpc_timeout=30, rid=req.engine_rid,
+                            prompt_token_ids=sealed.tokens,
+                            sampling=req.continuation_sampling(generated), priority=req.priority,
+                            load=self._load(self.old_rid, sealed.num_kv_tokens, final=True),
+                            generator_state=sealed.generator_state)
+
+    def _load(self, src_key: str, num_tokens: int, *, final: bool) -> dict:
+        host, port = self.src.kv_address
+        return {"host": host, "port": port, "src_key": src_key, "num_tokens": num_tokens,
+                "final": final}

@@ -1,0 +1,110 @@
+"""`Instance`: the controller's handle on one agent (a local child process it
+started, or a remote agent it connected to)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llumigrate.agent.rpc import RpcClient
+from llumigrate.errors import InstanceLost
+
+
+@dataclass
+class Instance:
+    instance_id: str
+    host: str
+    port: int
+    info: dict = field(default_factory=dict)
+    process: subprocess.Popen | None = None
+    log_path: Path | None = None
+    client: RpcClient | None = None
+    up: bool = True
+
+    @property
+    def kv_address(self) -> tuple[str, int]:
+        return self.info["kv_host"], int(self.info["kv_port"])
+
+    @property
+    def block_size(self) -> int:
+        return int(self.info["block_size"])
+
+    async def call(self, method: str, rpc_timeout: float | None = 60.0, **args: Any) -> Any:
+        if self.client is None or not self.up:
+            raise InstanceLost(f"instance {self.instance_id} is down")
+        return await self.client.call(method, rpc_timeout=rpc_timeout, **args)
+
+    async def connect(self, on_event: Callable[[dict], None], on_lost: Callable[[], None],
+                      token: str | None = None) -> None:
+        self.client = RpcClient(on_event=on_event, on_lost=on_lost)
+        await self.client.connect(self.host, self.port, token=token)
+        self.info = await self.call("info")
+
+    async def refresh(self) -> dict:
+        self.info = await self.call("info")
+        return self.info
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Kill the agent and its engine processes (test and fault injection)."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, sig)
+
+    async def close(self, timeout: float = 30.0) -> None:
+        if self.client is not None and self.up:
+            try:
+                await self.call("shutdown", rpc_timeout=5)
+            except Exception:
+                pass
+            await self.client.close()
+        self.up = False
+        if self.process is not None:
+            deadline = time.monotonic() + timeout
+            while self.process.poll() is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            if self.process.poll() is None:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+            else:  # reap engine children left in the agent's process group
+                try:
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+async def spawn_agent(instance_id: str, model: str, engine_argv: list[str], run_dir: Path,
+                      *, token: str | None = None, kv_transport: str = "auto",
+                      start_timeout: float = 300.0) -> Instance:
+    """Start a local agent process and wait until it serves."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ready = run_dir / f"{instance_id}.ready"
+    ready.unlink(missing_ok=True)
+    log_path = run_dir / f"{instance_id}.log"
+    cmd = [sys.executable, "-m", "llumigrate.agent", "--model", model, "--instance-id", instance_id,
+           "--ready-file", str(ready), "--exit-with-parent", "--kv-transport", kv_transport,
+           "--", *engine_argv]
+    env = dict(os.environ)
+    if token:
+        env["LLUMIGRATE_TOKEN"] = token
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    deadline = time.monotonic() + start_timeout
+    while not ready.exists():
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-3000:]
+            raise InstanceLost(f"agent {instance_id} exited with {proc.returncode}:\n{tail}")
+        if time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise InstanceLost(f"agent {instance_id} did not start in {start_timeout}s")
+        await asyncio.sleep(0.2)
+    addr = json.loads(ready.read_text())
+    return Instance(instance_id, addr["host"], int(addr["port"]), process=proc, log_path=log_path)

@@ -1,0 +1,119 @@
+"""`RequestHandle`: one client request as the controller sees it, across any
+number of migrations. The stream it yields is the concatenation of each hop's
+tokens; a hop's engine request id is `f"{request_id}#{hop}"`."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from llumigrate.errors import MigrationRefused
+
+# Sampling features whose state cannot be carried to another engine exactly.
+_PENALTIES = ("presence_penalty", "frequency_penalty")
+
+
+@dataclass
+class StreamDelta:
+    token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None
+
+
+@dataclass
+class RequestHandle:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: dict
+    priority: int
+    instance_id: str
+    hop: int = 0
+    output_token_ids: list[int] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str | None = None
+    stop_reason: object = None
+    error: str | None = None
+    migrating: bool = False
+    num_migrations: int = 0
+    arrival: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    _queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    _done: asyncio.Event = field(default_factory=asyncio.Event)
+    _token_event: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def engine_rid(self) -> str:
+        return f"{self.request_id}#{self.hop}"
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    # -- fed by the controller ---------------------------------------------------
+    def append(self, tokens: list[int]) -> None:
+        if not tokens:
+            return
+        now = time.monotonic()
+        if self.first_token_at is None:
+            self.first_token_at = now
+        self.last_token_at = now
+        self.output_token_ids.extend(tokens)
+        self._queue.put_nowait(StreamDelta(list(tokens)))
+        self._token_event.set()
+
+    def finish(self, reason: str | None, stop_reason: object = None, error: str | None = None) -> None:
+        if self.finished:
+            return
+        self.finished, self.finish_reason = True, reason
+        self.stop_reason, self.error = stop_reason, error
+        self._queue.put_nowait(StreamDelta([], True, reason))
+        self._done.set()
+        self._token_event.set()
+
+    # -- read by clients -----------------------------------------------------
+    async def stream(self):
+        """Yield `StreamDelta`s until the request finishes."""
+        while True:
+            delta = await self._queue.get()
+            yield delta
+            if delta.finished:
+                return
+
+    async def wait(self, timeout: float | None = None) -> RequestHandle:
+        await asyncio.wait_for(self._done.wait(), timeout)
+        return self
+
+    async def wait_tokens(self, n: int, timeout: float | None = None) -> None:
+        """Wait until at least `n` output tokens arrived (or it finished)."""
+        async def _wait() -> None:
+            while len(self.output_token_ids) < n and not self.finished:
+                self._token_event.clear()
+                await self._token_event.wait()
+        await asyncio.wait_for(_wait(), timeout)
+
+    # -- migration helpers -----------------------------------------------------
+    def check_migratable(self) -> None:
+        """Raise MigrationRefused if this request's state cannot move exactly."""
+        s = self.sampling
+        if s.get("n", 1) != 1:
+            raise MigrationRefused("parallel sampling (n > 1) cannot be migrated")
+        for name in _PENALTIES:
+            if s.get(name):
+                raise MigrationRefused(f"{name} counts output tokens; it cannot be carried exactly")
+        if s.get("structured_outputs"):
+            raise MigrationRefused("structured output (grammar) state cannot be carried")
+        if self.finished:
+            raise MigrationRefused("request already finished")
+        if self.migrating:
+            raise MigrationRefused("request is already migrating")
+
+    def continuation_sampling(self, num_generated: int) -> dict:
+        """Sampling for the next hop after `num_generated` output tokens."""
+        s = dict(self.sampling)
+        if s.get("max_tokens") is not None:
+            s["max_tokens"] = int(s["max_tokens"]) - num_generated
+        if s.get("min_tokens"):
+            s["min_tokens"] = max(0, int(s["min_tokens"]) - num_generated)
+        return s

@@ -1,0 +1,91 @@
+"""What llumigrate attaches to a vLLM request, and what the connector reports
+back. Travels in `SamplingParams.extra_args["kv_transfer_params"]["llumigrate"]`
+as plain msgpack-able values (no pickle, no vLLM import)."""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+
+PARAMS_KEY = "llumigrate"
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """Load KV positions [0, num_tokens) of request `src_key` from the KV
+    server at (host, port). Positions the destination already holds in its
+    prefix cache are not pulled again."""
+
+    host: str
+    port: int
+    src_key: str
+    num_tokens: int
+    # Release the source's held blocks once this load succeeded (final stage).
+    final: bool = False
+
+    def to_wire(self) -> dict:
+        return {"host": self.host, "port": self.port, "src_key": self.src_key,
+                "num_tokens": self.num_tokens, "final": self.final}
+
+    @classmethod
+    def from_wire(cls, d: dict) -> LoadSpec:
+        return cls(str(d["host"]), int(d["port"]), str(d["src_key"]),
+                   int(d["num_tokens"]), bool(d.get("final", False)))
+
+
+@dataclass(frozen=True)
+class RequestTag:
+    """llumigrate's identity and instructions for one engine request."""
+
+    key: str
+    load: LoadSpec | None = None
+    # torch.Generator state to install before the first sample (seeded resume).
+    generator_state: bytes | None = None
+
+    def to_params(self) -> dict:
+        d: dict = {"key": self.key}
+        if self.load is not None:
+            d["load"] = self.load.to_wire()
+        if self.generator_state is not None:
+            d["gen"] = base64.b64encode(self.generator_state).decode()
+        return {PARAMS_KEY: d}
+
+    @classmethod
+    def from_params(cls, params: dict | None) -> RequestTag | None:
+        if not params or PARAMS_KEY not in params:
+            return None
+        d = params[PARAMS_KEY]
+        load = LoadSpec.from_wire(d["load"]) if d.get("load") else None
+        gen = base64.b64decode(d["gen"]) if d.get("gen") else None
+        return cls(str(d["key"]), load, gen)
+
+
+@dataclass(frozen=True)
+class SealedRequest:
+    """A stopped source request whose blocks are held for a final pull.
+
+    `tokens` is the scheduler's authoritative token list (prompt + outputs) at
+    the stop; positions [0, len(tokens) - 1) have KV. `generator_state` is the
+    sampler state after `len(tokens) - num_prompt_tokens` samples, or None for
+    unseeded requests."""
+
+    key: str
+    tokens: list[int]
+    num_prompt_tokens: int
+    num_computed_tokens: int
+    num_blocks: int
+    generator_state: bytes | None
+
+    @property
+    def num_kv_tokens(self) -> int:
+        return max(0, min(self.num_computed_tokens, len(self.tokens) - 1))
+
+    def to_wire(self) -> dict:
+        return {"key": self.key, "tokens": self.tokens, "num_prompt_tokens": self.num_prompt_tokens,
+                "num_computed_tokens": self.num_computed_tokens, "num_blocks": self.num_blocks,
+                "gen": self.generator_state}
+
+    @classmethod
+    def from_wire(cls, d: dict) -> SealedRequest:
+        return cls(str(d["key"]), [int(t) for t in d["tokens"]], int(d["num_prompt_tokens"]),
+                   int(d["num_computed_tokens"]), int(d["num_blocks"]), d.get("gen"))

@@ -1,0 +1,168 @@
+"""`EngineRuntime`: one vLLM `AsyncLLM` configured for llumigrate.
+
+It adds llumigrate's KV connector and worker extension to the operator's
+engine arguments, turns wire-level sampling dicts into `SamplingParams`, and
+exposes a small async surface the agent uses (generate, abort, worker RPCs,
+load figures). vLLM arguments pass through unchanged otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from vllm import SamplingParams
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.sampling_params import RequestOutputKind
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.metrics.loggers import StatLoggerBase
+
+from llumigrate.engine.params import PARAMS_KEY, RequestTag
+from llumigrate.engine.vllm_compat import check_version
+from llumigrate.errors import ConfigError
+
+CONNECTOR = "LlumigrateConnector"
+CONNECTOR_MODULE = "llumigrate.engine.connector"
+WORKER_EXTENSION = "llumigrate.engine.worker_ext.LlumigrateWorkerExtension"
+
+# Sampling fields accepted from the wire, with the SamplingParams name.
+SAMPLING_FIELDS = (
+    "n", "temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "min_tokens",
+    "stop", "stop_token_ids", "ignore_eos", "logprobs", "presence_penalty",
+    "frequency_penalty", "repetition_penalty", "include_stop_str_in_output",
+    "skip_special_tokens", "spaces_between_special_tokens", "logit_bias",
+    "allowed_token_ids", "bad_words", "structured_outputs",
+)
+
+
+@dataclass
+class Load:
+    """Latest scheduler figures of this engine (updated every step)."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    num_blocks: int = 0          # usable blocks (vLLM's null block excluded)
+    free_blocks: int = 0
+    kv_cache_usage: float = 0.0
+    steps: int = 0
+
+
+@dataclass
+class Delta:
+    """New output of one engine request."""
+
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    stop_reason: Any
+    kv_params: dict | None
+    num_prompt_tokens: int
+
+
+class _LoadLogger(StatLoggerBase):
+    def __init__(self, vllm_config: Any, engine_index: int = 0, *, sink: Load,
+                 lock: threading.Lock) -> None:
+        self.sink, self.lock = sink, lock
+        self.sink.num_blocks = max(0, int(vllm_config.cache_config.num_gpu_blocks or 0) - 1)
+
+    def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
+               engine_idx: int = 0) -> None:
+        if scheduler_stats is None:
+            return
+        with self.lock:
+            s = self.sink
+            s.num_running = scheduler_stats.num_running_reqs
+            s.num_waiting = scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs
+            s.kv_cache_usage = scheduler_stats.kv_cache_usage
+            s.free_blocks = round((1.0 - s.kv_cache_usage) * s.num_blocks)
+            s.steps += 1
+
+    def log_engine_initialized(self) -> None:
+        pass
+
+
+def parse_engine_args(model: str, engine_argv: list[str], *, kv_host: str = "127.0.0.1",
+                      kv_token: str | None = None, kv_transport: str = "auto") -> AsyncEngineArgs:
+    """vLLM engine args from `vllm serve`-style argv, plus llumigrate's hooks."""
+    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser(prog="llumigrate-engine"))
+    ns = parser.parse_args(["--model", model, *engine_argv])
+    args = AsyncEngineArgs.from_cli_args(ns)
+    if args.kv_transfer_config is not None:
+        raise ConfigError("llumigrate installs its own --kv-transfer-config; remove yours")
+    if args.enable_prefix_caching is False:
+        raise ConfigError("llumigrate needs prefix caching (pre-copied blocks land in it)")
+    if args.worker_extension_cls:
+        raise ConfigError("llumigrate installs its own --worker-extension-cls; remove yours")
+    extra = {"kv_host": kv_host, "kv_transport": kv_transport}
+    if kv_token:
+        extra["kv_token"] = kv_token
+    return dataclasses.replace(
+        args,
+        enable_prefix_caching=True,
+        worker_extension_cls=WORKER_EXTENSION,
+        kv_transfer_config={
+            "kv_connector": CONNECTOR,
+            "kv_connector_module_path": CONNECTOR_MODULE,
+            "kv_role": "kv_both",
+            "kv_load_failure_policy": "fail",
+            "kv_connector_extra_config": extra,
+        },
+        disable_log_stats=False,
+    )
+
+
+def sampling_params(d: dict, tag: RequestTag, *, stream: bool = True) -> SamplingParams:
+    unknown = set(d) - set(SAMPLING_FIELDS)
+    if unknown:
+        raise ConfigError(f"unknown sampling fields {sorted(unknown)}; allowed: {list(SAMPLING_FIELDS)}")
+    kwargs = dict(d)
+    if kwargs.get("structured_outputs") is not None:
+        from vllm.sampling_params import StructuredOutputsParams
+        kwargs["structured_outputs"] = StructuredOutputsParams(**kwargs["structured_outputs"])
+    try:
+        sp = SamplingParams(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"bad sampling parameters: {e}") from e
+    sp.output_kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
+    sp.extra_args = {**(sp.extra_args or {}), "kv_transfer_params": tag.to_params()}
+    return sp
+
+
+class EngineRuntime:
+    def __init__(self, args: AsyncEngineArgs) -> None:
+        check_version()
+        self.load = Load()
+        self._lock = threading.Lock()
+        factory = lambda cfg, idx=0: _LoadLogger(cfg, idx, sink=self.load, lock=self._lock)  # noqa: E731
+        self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[factory])
+        self.block_size = int(self.llm.vllm_config.cache_config.block_size)
+        self.max_model_len = int(self.llm.model_config.max_model_len)
+
+    async def rpc(self, method: str, *args: Any, timeout: float = 30.0) -> Any:
+        return (await self.llm.collective_rpc(method, timeout=timeout, args=args))[0]
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], sp: SamplingParams,
+                       priority: int = 0) -> AsyncIterator[Delta]:
+        prompt = {"prompt_token_ids": list(prompt_token_ids)}
+        async for out in self.llm.generate(prompt, sp, request_id, priority=priority):
+            c = out.outputs[0]
+            kvp = out.kv_transfer_params.get(PARAMS_KEY) if out.kv_transfer_params else None
+            yield Delta(list(c.token_ids), out.finished, c.finish_reason, c.stop_reason, kvp,
+                        len(out.prompt_token_ids or ()))
+
+    async def abort(self, request_id: str) -> None:
+        await self.llm.abort(request_id)
+
+    def snapshot(self) -> Load:
+        with self._lock:
+            return dataclasses.replace(self.load)
+
+    def tokenizer(self) -> Any:
+        return self.llm.get_tokenizer()
+
+    def shutdown(self) -> None:
+        self.llm.shutdown()

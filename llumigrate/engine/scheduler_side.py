@@ -1,0 +1,112 @@
+"""Scheduler half of the llumigrate KV connector (runs in the EngineCore).
+
+It (1) turns a request's `LoadSpec` into an async KV load of the positions the
+destination does not already hold in its prefix cache, (2) streams every
+request's block table to the workers so their KV server can serve pulls of a
+running request, and (3) holds the blocks of a tracked request when it is
+aborted (stop-and-copy) until a worker reports the final pull done.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llumigrate.engine.meta import HeldRequest, LoadJob, SchedulerMeta, WorkerMeta
+from llumigrate.engine.params import PARAMS_KEY, RequestTag
+from llumigrate.engine.vllm_compat import is_aborted, yield_req_data
+
+
+class SchedulerSide:
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self._keys: dict[str, str] = {}          # req_id -> key, live requests
+        self._tags: dict[str, RequestTag] = {}   # req_id -> tag with load or generator state
+        self._matched: dict[str, tuple[int, int]] = {}   # req_id -> (local hit, external)
+        self._loads: dict[str, tuple[int, int]] = {}     # req_id -> (local hit, loaded)
+        self._failed: set[str] = set()
+        self._tracked: set[str] = set()          # keys held on abort
+        self._meta = SchedulerMeta()
+
+    # -- admission ---------------------------------------------------------
+    def on_new_request(self, request: Any) -> None:
+        tag = RequestTag.from_params(request.kv_transfer_params)
+        if tag is None:
+            return
+        self._keys[request.request_id] = tag.key
+        self._meta.keys[request.request_id] = tag.key
+        if tag.load is not None or tag.generator_state is not None:
+            self._tags[request.request_id] = tag
+
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
+        tag = self._tags.get(request.request_id)
+        if tag is None or tag.load is None:
+            return 0, False
+        # NOTE: vLLM must compute at least one token itself, so never claim the
+        # last position even if the source has it.
+        limit = min(tag.load.num_tokens, request.num_tokens - 1)
+        n = limit - num_computed_tokens
+        if n <= 0:
+            self._loads[request.request_id] = (num_computed_tokens, 0)
+            return 0, False
+        self._matched[request.request_id] = (num_computed_tokens, n)
+        return n, True
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        matched = self._matched.pop(request.request_id, None)
+        if num_external_tokens == 0 or matched is None:
+            return
+        local, n = matched
+        assert n == num_external_tokens, (n, num_external_tokens)
+        assert local % self.block_size == 0, "local prefix hits are block aligned"
+        block_ids = blocks.get_block_ids()[0]
+        start = local // self.block_size
+        end = -(-(local + n) // self.block_size)
+        tag = self._tags[request.request_id]
+        assert tag.load is not None
+        self._meta.loads.append(LoadJob(request.request_id, tag.load, start, list(block_ids[start:end])))
+        self._loads[request.request_id] = (local, n)
+
+    # -- per step ------------------------------------------------------------
+    def build_connector_meta(self, scheduler_output: Any) -> SchedulerMeta:
+        meta = self._meta
+        for req_id, new_ids, resumed in yield_req_data(scheduler_output):
+            if req_id in self._keys and new_ids is not None:
+                meta.block_updates.append((req_id, list(new_ids[0]), bool(resumed)))
+        for new_req in scheduler_output.scheduled_new_reqs:
+            tag = self._tags.get(new_req.req_id)
+            if tag is not None and tag.generator_state is not None:
+                meta.generator_states[new_req.req_id] = tag.generator_state
+        meta.tracked = frozenset(self._tracked)
+        self._meta = SchedulerMeta()
+        return meta
+
+    def update_connector_output(self, output: Any) -> None:
+        wm = output.kv_connector_worker_meta
+        if isinstance(wm, WorkerMeta):
+            self._tracked |= wm.track
+            self._tracked -= wm.untrack
+            self._failed |= wm.failed_loads
+        if output.failed_recving:
+            self._failed |= set(output.failed_recving)
+
+    # -- completion --------------------------------------------------------
+    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict | None]:
+        req_id = request.request_id
+        key = self._keys.pop(req_id, None)
+        self._tags.pop(req_id, None)
+        self._matched.pop(req_id, None)
+        load = self._loads.pop(req_id, None)
+        failed = req_id in self._failed
+        self._failed.discard(req_id)
+        params = None
+        if load is not None:
+            params = {PARAMS_KEY: {"hit": load[0], "loaded": load[1], "failed": failed}}
+        if key is None or key not in self._tracked:
+            return False, params
+        self._tracked.discard(key)
+        if not is_aborted(request):
+            return False, params
+        held = HeldRequest(req_id, key, list(request.all_token_ids), request.num_prompt_tokens,
+                           request.num_computed_tokens, list(block_ids))
+        self._meta.held.append(held)
+        return held.holds_blocks, params

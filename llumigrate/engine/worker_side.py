@@ -1,0 +1,294 @@
+"""Worker half of the llumigrate KV connector (runs in each vLLM worker).
+
+Owns this engine's KV server (serves pulls of running and held requests from
+the block tables the scheduler half streams over) and a KV client (runs the
+loads the scheduler half plans, on a background thread, straight into the
+blocks vLLM allocated). All tables are shared between the engine thread
+(`bind`, `get_finished`, RPCs) and transfer threads, under `self._lock`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from llumigrate.engine.meta import HeldRequest, LoadJob, SchedulerMeta, WorkerMeta
+from llumigrate.engine.params import SealedRequest
+from llumigrate.engine.vllm_compat import request_sampler_state
+from llumigrate.errors import TransferError, TransferRefused
+from llumigrate.transfer import Grant, KVClient, KVServer, PullRequest
+
+logger = logging.getLogger(__name__)
+
+MAX_SNAPSHOTS = 4
+
+
+@dataclass
+class _Entry:
+    key: str
+    block_ids: list[int] = field(default_factory=list)
+    epoch: int = 0
+
+
+@dataclass
+class _Held:
+    req: HeldRequest
+    generator_state: bytes | None
+    deadline: float
+
+
+class WorkerSide:
+    def __init__(self, block_size: int, extra: dict[str, Any]) -> None:
+        self.block_size = block_size
+        self.host = str(extra.get("kv_host", "127.0.0.1"))
+        self.token = extra.get("kv_token")
+        self.transport = str(extra.get("kv_transport", "auto"))
+        self.hold_lease_s = float(extra.get("hold_lease_s", 120.0))
+        self.load_timeout_s = float(extra.get("load_timeout_s", 30.0))
+        self.model_runner: Any = None
+        self._lock = threading.Condition()
+        self._entries: dict[str, _Entry] = {}        # req_id -> live block table
+        self._by_key: dict[str, str] = {}            # key -> req_id
+        self._held: dict[str, _Held] = {}            # key -> held stopped request
+        self._tracked: set[str] = set()
+        self._scheduler_tracked: frozenset[str] = frozenset()
+        self._new_track: set[str] = set()
+        self._new_untrack: set[str] = set()
+        self._snapshots: dict[str, OrderedDict[int, bytes]] = {}
+        self._state_refs: dict[str, Any] = {}
+        self._released: set[str] = set()             # req_ids to report finished_sending
+        self._loads_done: set[str] = set()
+        self._loads_failed: set[str] = set()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llumigrate-load")
+        self.server: KVServer | None = None
+        self.client: KVClient | None = None
+        self.layers: list[torch.Tensor] = []
+        self.stats = {"pulls_served": 0, "loads": 0, "loads_failed": 0, "blocks_loaded": 0}
+
+    # -- setup -------------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self.layers = list(kv_caches.values())
+        self.server = KVServer(self.layers, self._provide, host=self.host, token=self.token,
+                               on_complete=self._on_pull_complete)
+        self.server.start()
+        self.client = KVClient(self.layers, token=self.token, transport=self.transport)
+
+    def info(self) -> dict:
+        assert self.server is not None, "KV caches not registered yet"
+        host, port = self.server.address
+        return {"kv_host": host, "kv_port": port, "block_size": self.block_size,
+                "num_blocks": int(self.layers[0].shape[0]), "num_layers": len(self.layers),
+                "block_bytes": int(self.layers[0][0].numel() * self.layers[0].element_size())}
+
+    # -- engine thread, once per step ------------------------------------------
+    def bind(self, meta: SchedulerMeta) -> None:
+        with self._lock:
+            self._scheduler_tracked = meta.tracked
+            for req_id, key in meta.keys.items():
+                self._entries[req_id] = _Entry(key)
+                self._by_key[key] = req_id
+            for req_id, ids, replace in meta.block_updates:
+                entry = self._entries.get(req_id)
+                if entry is None:
+                    continue
+                if replace:  # resumed after preemption: its old blocks were freed
+                    entry.block_ids = list(ids)
+                    entry.epoch += 1
+                else:
+                    entry.block_ids.extend(ids)
+            for held in meta.held:
+                self._held[held.key] = _Held(held, self._generator_state_for(held),
+                                             time.monotonic() + self.hold_lease_s)
+            self._snapshot_generators()
+            self._lock.notify_all()
+        for req_id, state in meta.generator_states.items():
+            self._install_generator_state(req_id, state)
+        for job in meta.loads:
+            self._pool.submit(self._run_load, job)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str], set[str]]:
+        """(finished sending, finished receiving, failed receiving)."""
+        now = time.monotonic()
+        with self._lock:
+            for req_id in finished_req_ids:
+                entry = self._entries.pop(req_id, None)
+                if entry is not None and self._by_key.get(entry.key) == req_id:
+                    del self._by_key[entry.key]
+                    if entry.key not in self._held:
+                        self._forget_key(entry.key)
+            for key, held in list(self._held.items()):
+                if held.deadline < now:
+                    logger.warning("hold on %s expired; releasing its blocks", key)
+                    self._release_locked(key)
+            sending, self._released = self._released, set()
+            recving, self._loads_done = self._loads_done, set()
+            failed, self._loads_failed = self._loads_failed, set()
+        return sending, recving | failed, failed
+
+    def build_worker_meta(self) -> WorkerMeta | None:
+        with self._lock:
+            if not (self._new_track or self._new_untrack):
+                return None
+            meta = WorkerMeta(self._new_track, self._new_untrack)
+            self._new_track, self._new_untrack = set(), set()
+        return meta
+
+    # -- RPCs from the agent (engine thread, between steps) --------------------
+    def track(self, key: str) -> bool:
+        """Start tracking `key` for a migration: hold its blocks on abort and
+        keep sampler snapshots. Returns True once the scheduler half holds."""
+        with self._lock:
+            if key not in self._tracked:
+                self._tracked.add(key)
+                self._new_track.add(key)
+                self._new_untrack.discard(key)
+            return key in self._scheduler_tracked
+
+    def untrack(self, key: str) -> None:
+        with self._lock:
+            if key in self._tracked:
+                self._tracked.discard(key)
+                self._new_untrack.add(key)
+                self._new_track.discard(key)
+            if key not in self._held:
+                self._snapshots.pop(key, None)
+                self._state_refs.pop(key, None)
+
+    def sealed(self, key: str) -> dict | None:
+        """The held record of a stopped request, or None while not yet held."""
+        with self._lock:
+            held = self._held.get(key)
+            if held is None:
+                return None
+            r = held.req
+            return SealedRequest(key, r.tokens, r.num_prompt_tokens, r.num_computed_tokens,
+                                 len(r.block_ids), held.generator_state).to_wire()
+
+    def release(self, key: str) -> bool:
+        with self._lock:
+            return self._release_locked(key)
+
+    def status(self) -> dict:
+        with self._lock:
+            return {"held": sorted(self._held), "tracked": sorted(self._tracked),
+                    "entries": len(self._entries), **self.stats}
+
+    # -- KV server callbacks (transfer threads) -------------------------------
+    def _provide(self, pull: PullRequest) -> Grant:
+        with self._lock:
+            held = self._held.get(pull.key)
+            if held is not None:
+                block_ids = held.req.block_ids
+            else:
+                req_id = self._by_key.get(pull.key)
+                entry = self._entries.get(req_id) if req_id else None
+                if entry is None:
+                    raise TransferRefused(f"no running or held request {pull.key!r} here")
+                block_ids = entry.block_ids
+            end = pull.start_block + pull.num_blocks
+            if pull.start_block < 0 or end > len(block_ids):
+                raise TransferRefused(
+                    f"blocks [{pull.start_block}, {end}) out of range: {pull.key!r} has {len(block_ids)}")
+            self.stats["pulls_served"] += 1
+            return Grant(list(block_ids[pull.start_block:end]))
+
+    def _on_pull_complete(self, pull: PullRequest, ok: bool) -> None:
+        if ok and pull.final:
+            with self._lock:
+                self._release_locked(pull.key)
+
+    # -- loads (background thread) ---------------------------------------------
+    def _run_load(self, job: LoadJob) -> None:
+        ok = False
+        try:
+            assert self.client is not None
+            spec = job.spec
+            pull = PullRequest(spec.src_key, job.start_block, len(job.dest_block_ids),
+                               final=spec.final, timeout_s=self.load_timeout_s)
+            self.client.pull((spec.host, spec.port), pull, job.dest_block_ids)
+            ok = True
+        except (TransferError, OSError) as e:
+            logger.warning("KV load for %s from %s failed: %s", job.req_id, job.spec.src_key, e)
+        except Exception:  # never let a load thread die silently
+            logger.exception("KV load for %s crashed", job.req_id)
+        with self._lock:
+            self.stats["loads"] += 1
+            if ok:
+                self.stats["blocks_loaded"] += len(job.dest_block_ids)
+                self._loads_done.add(job.req_id)
+            else:
+                self.stats["loads_failed"] += 1
+                self._loads_failed.add(job.req_id)
+
+    # -- sampler state -----------------------------------------------------------
+    def _snapshot_generators(self) -> None:
+        """Record each tracked seeded request's generator state, keyed by the
+        number of tokens it has sampled (called before this step's forward)."""
+        if self.model_runner is None:
+            return
+        for key in self._tracked:
+            req_id = self._by_key.get(key)
+            state = request_sampler_state(self.model_runner, req_id) if req_id else None
+            if state is None or state.generator is None:
+                continue
+            self._state_refs[key] = state
+            snaps = self._snapshots.setdefault(key, OrderedDict())
+            snaps[len(state.output_token_ids)] = bytes(state.generator.get_state().numpy())
+            while len(snaps) > MAX_SNAPSHOTS:
+                snaps.popitem(last=False)
+
+    def _generator_state_for(self, held: HeldRequest) -> bytes | None:
+        num_sampled = len(held.tokens) - held.num_prompt_tokens
+        ref = self._state_refs.get(held.key)
+        if ref is None or ref.generator is None:
+            return None
+        # The worker may have sampled one token the scheduler dropped at the
+        # abort; its state then is one sample ahead, and a snapshot taken
+        # before that step's forward has the right one.
+        if len(ref.output_token_ids) == num_sampled:
+            return bytes(ref.generator.get_state().numpy())
+        state = self._snapshots.get(held.key, {}).get(num_sampled)
+        if state is None:
+            logger.error("no sampler state of %s after %d samples", held.key, num_sampled)
+        return state
+
+    def _install_generator_state(self, req_id: str, state: bytes) -> None:
+        if self.model_runner is None:
+            raise RuntimeError("llumigrate worker extension not attached; cannot resume seeded request")
+        req_state = request_sampler_state(self.model_runner, req_id)
+        if req_state is None or req_state.generator is None:
+            logger.error("request %s has no sampler generator to restore", req_id)
+            return
+        req_state.generator.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
+
+    # -- internals -----------------------------------------------------------
+    def _release_locked(self, key: str) -> bool:
+        held = self._held.pop(key, None)
+        if held is None:
+            return False
+        if held.req.holds_blocks:
+            self._released.add(held.req.req_id)
+        if key not in self._tracked or self._by_key.get(key) is None:
+            self._forget_key(key)
+        return True
+
+    def _forget_key(self, key: str) -> None:
+        self._snapshots.pop(key, None)
+        self._state_refs.pop(key, None)
+        if key in self._tracked:
+            self._tracked.discard(key)
+            self._new_untrack.add(key)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.client is not None:
+            self.client.close()
+        if self.server is not None:
+            self.server.close()
