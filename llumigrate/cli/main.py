@@ -9,6 +9,7 @@ import sys
 # name -> module exposing `add_arguments(parser)` and `run(args) -> int`.
 COMMANDS: dict[str, str] = {
     "make-tiny-model": "llumigrate.cli.make_tiny_model",
+    "demo": "llumigrate.cli.demo",
 }
 
 

@@ -47,6 +47,7 @@ class Cluster:
         self._routes: dict[str, RequestHandle] = {}   # engine rid -> handle
         self._ids = itertools.count()
         self.migrations: list[MigrationResult] = []
+        self._closing = False
 
     # -- lifecycle -------------------------------------------------------------
     async def start(self) -> Cluster:
@@ -64,6 +65,7 @@ class Cluster:
         self.instances[inst.instance_id] = inst
 
     async def close(self) -> None:
+        self._closing = True
         await asyncio.gather(*(i.close() for i in self.instances.values()), return_exceptions=True)
 
     async def __aenter__(self) -> Cluster:
@@ -95,6 +97,7 @@ class Cluster:
 
     async def abort(self, request_id: str) -> None:
         h = self._request(request_id)
+        h.abort_requested = True  # a migration in flight checks this before it commits
         if not h.finished:
             await self.instances[h.instance_id].call("abort", rid=h.engine_rid)
 
@@ -143,6 +146,8 @@ class Cluster:
 
     def _on_lost(self, inst: Instance) -> None:
         inst.up = False
+        if self._closing:
+            return
         logger.error("instance %s lost", inst.instance_id)
         for h in list(self.requests.values()):
             if h.instance_id == inst.instance_id and not h.finished and not h.migrating:

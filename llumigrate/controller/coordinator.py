@@ -131,12 +131,16 @@ class Coordinator:
         sampling = req.continuation_sampling(generated)
         if sampling.get("max_tokens") is not None and sampling["max_tokens"] <= 0:
             raise MigrationAborted("no tokens left to generate", "committing")
+        if req.abort_requested:
+            raise MigrationAborted("client aborted the request", "committing")
         n_before = len(req.output_token_ids)
         self.on_hop(req, self.dst, req.hop + 1)  # route the new hop's events from here on
         await self.dst.call("generate", rpc_timeout=self.m.timeout_for(), rid=self.new_rid,
                             prompt_token_ids=s.tokens, sampling=sampling, priority=req.priority,
                             load=self._load(self.old_rid, s.num_kv_tokens, final=True),
                             generator_state=s.generator_state)
+        if req.abort_requested:  # aborted while the hop was being created
+            await self.dst.call("abort", rpc_timeout=5, rid=self.new_rid)
         await req.wait_tokens(n_before + 1, timeout=self.m.timeout_for())
         if req.finished and req.finish_reason in ("error", "abort") and \
                 len(req.output_token_ids) == n_before:
@@ -157,16 +161,29 @@ class Coordinator:
     # -- rollback ----------------------------------------------------------------
     async def _rollback(self, action: Action) -> None:
         if action is Action.CANCEL:
-            try:
-                await self.src.call("untrack", rpc_timeout=5, rid=self.old_rid)
-            except Exception as e:  # the source may be the thing that failed
-                logger.info("untrack after abort failed: %s", e)
+            # Untrack, and free a hold if the request was aborted meanwhile.
+            for verb in ("untrack", "release"):
+                try:
+                    await self.src.call(verb, rpc_timeout=5, rid=self.old_rid)
+                except Exception as e:  # the source may be the thing that failed
+                    logger.info("%s after abort failed: %s", verb, e)
             return
         if action is not Action.RESUME_SOURCE:
             return
         # The source request is stopped and its blocks are held there. Undo any
         # destination hop and continue it on the source from its own blocks.
         req = self.req
+        if req.abort_requested:  # the client is gone: free everything instead
+            for inst, verb, rid in ((self.dst, "abort", self.new_rid),
+                                    (self.src, "release", self.old_rid)):
+                try:
+                    await inst.call(verb, rpc_timeout=5, rid=rid)
+                except Exception:
+                    pass
+            req.finish("abort")
+            self.m.state = State.ROLLING_BACK
+            self.m.on_resumed()
+            return
         if req.hop > 0 and req.engine_rid == self.new_rid:
             try:
                 await self.dst.call("abort", rpc_timeout=5, rid=self.new_rid)

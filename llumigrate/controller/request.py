@@ -35,6 +35,7 @@ class RequestHandle:
     stop_reason: object = None
     error: str | None = None
     migrating: bool = False
+    abort_requested: bool = False
     num_migrations: int = 0
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None

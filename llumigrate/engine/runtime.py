@@ -68,6 +68,7 @@ class _LoadLogger(StatLoggerBase):
                  lock: threading.Lock) -> None:
         self.sink, self.lock = sink, lock
         self.sink.num_blocks = max(0, int(vllm_config.cache_config.num_gpu_blocks or 0) - 1)
+        self.sink.free_blocks = self.sink.num_blocks  # no step has run yet: all free
 
     def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
                engine_idx: int = 0) -> None:

@@ -221,7 +221,11 @@ def _write_model(path: Path, config: TinyModelConfig) -> None:
     os.chmod(path, 0o755)  # mkdtemp (and safetensors for its file) use owner-only modes
     for child in path.iterdir():
         os.chmod(child, 0o644)
-    marker = {"build": BUILD_VERSION, "digest": config.digest(), "config": dataclasses.asdict(config)}
+    marker = {
+        "build": BUILD_VERSION,
+        "digest": config.digest(),
+        "config": dataclasses.asdict(config),
+    }
     # NOTE: the marker is written last; its presence means every other file is there.
     (path / MARKER_FILE).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
     os.chmod(path / MARKER_FILE, 0o644)
@@ -230,6 +234,7 @@ def _write_model(path: Path, config: TinyModelConfig) -> None:
 def _hf_config(config: TinyModelConfig):  # -> transformers.LlamaConfig
     from transformers import LlamaConfig
 
+    assert config.intermediate_size is not None  # resolved in __post_init__
     return LlamaConfig(
         architectures=["LlamaForCausalLM"],
         vocab_size=config.vocab_size,

@@ -7,6 +7,7 @@ tokenizer depends only on the vocabulary size: no downloads, and the same
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,7 +63,7 @@ _CODE = [
     "for i in range({n}):",
     "arr[{n}] += 1",
     "GET /v1/completions?id={n} HTTP/1.1",
-    "{{\"id\": {n}, \"ok\": true}}",
+    '{{"id": {n}, "ok": true}}',
     "0x{n:04x} & 0xff",
 ]
 
@@ -95,7 +96,7 @@ def make_corpus(num_sentences: int = _NUM_SENTENCES, seed: int = _CORPUS_SEED) -
 def _number(rng: random.Random) -> str:
     kind = rng.randrange(4)
     if kind == 0:
-        return str(rng.randint(0, 10**rng.randint(1, 7)))
+        return str(rng.randint(0, 10 ** rng.randint(1, 7)))
     if kind == 1:
         return f"{rng.uniform(-1000, 1000):.{rng.randint(1, 4)}f}"
     if kind == 2:
@@ -147,3 +148,9 @@ def save_tokenizer(path: Path, vocab_size: int, model_max_length: int) -> None:
         clean_up_tokenization_spaces=False,
     )
     fast.save_pretrained(str(path))
+    # transformers 5 records its own class name, which 4.x cannot load; the
+    # generic name loads the same tokenizer in both.
+    config_file = path / "tokenizer_config.json"
+    tok_config = json.loads(config_file.read_text())
+    tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_file.write_text(json.dumps(tok_config, indent=2, sort_keys=True) + "\n")

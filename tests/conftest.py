@@ -1,0 +1,58 @@
+"""Shared fixtures. Engines take 20-30 s to start on 2 cores, so the real
+two-instance cluster is session-scoped and shared by every engine test."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine
+from typing import Any
+
+import pytest
+
+ENGINE_ARGS = ["--dtype", "float32", "--enforce-eager", "--block-size", "32",
+               "--kv-cache-memory-bytes", str(32 << 20), "--max-model-len", "4096",
+               "--max-num-seqs", "16"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "engine: starts real vLLM engines (slow)")
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU")
+
+
+class LoopThread:
+    """An asyncio loop on a thread, so sync tests can drive the async Cluster."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, Any], timeout: float = 300) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> str:
+    from llumigrate.model.tiny import ensure_tiny_model
+    return str(ensure_tiny_model())
+
+
+@pytest.fixture(scope="session")
+def loop() -> LoopThread:
+    lt = LoopThread()
+    yield lt
+    lt.close()
+
+
+@pytest.fixture(scope="session")
+def cluster(tiny_model: str, loop: LoopThread, tmp_path_factory: pytest.TempPathFactory):
+    from llumigrate.controller.cluster import Cluster
+    c = Cluster(tiny_model, 2, ENGINE_ARGS, run_dir=tmp_path_factory.mktemp("cluster"))
+    loop.run(c.start(), timeout=600)
+    yield c
+    loop.run(c.close(), timeout=120)

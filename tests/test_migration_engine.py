@@ -1,0 +1,183 @@
+"""Live migration between two real vLLM engines (CPU, the tiny model).
+
+Each test compares a migrated request with the same request run without
+migration, and checks that both instances return to their baseline free
+block counts with no shared-memory segment left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+
+from llumigrate.errors import MigrationRefused
+from llumigrate.migration.protocol import MigrationConfig
+from llumigrate.transfer import shm
+
+pytestmark = pytest.mark.engine
+
+GREEDY = {"temperature": 0.0, "ignore_eos": True}
+SEEDED = {"temperature": 1.0, "top_p": 0.95, "seed": 1234, "ignore_eos": True}
+
+
+def prompt_of(n: int, salt: int = 0) -> list[int]:
+    return [3 + (i * 7 + salt * 13) % 1900 for i in range(n)]
+
+
+async def _free_blocks(cluster) -> dict[str, int]:
+    # Stats refresh on engine steps; give the engines a moment to settle.
+    await asyncio.sleep(0.3)
+    return {i["instance_id"]: i["load"]["free_blocks"] for i in await cluster.instance_info()}
+
+
+async def _reference(cluster, prompt, sampling):
+    h = await cluster.submit(prompt, sampling, instance="i0")
+    await h.wait(120)
+    return h.output_token_ids
+
+
+async def _migrated(cluster, prompt, sampling, hops: list[tuple[int, str]], cfg=None):
+    """Run the request, migrating to `dst` once it has `n` output tokens."""
+    h = await cluster.submit(prompt, sampling, instance="i0")
+    results = []
+    for n, dst in hops:
+        await h.wait_tokens(n, 120)
+        results.append(await cluster.migrate(h.request_id, dst, cfg))
+    await h.wait(120)
+    return h, results
+
+
+def _assert_clean(loop, cluster, baseline):
+    after = loop.run(_free_blocks(cluster))
+    assert after == baseline, f"free blocks {after} != baseline {baseline}"
+    assert shm.list_segments() == [] or all(
+        not os.path.exists(f"/proc/{s.split('-')[1]}") for s in shm.list_segments())
+
+
+@pytest.fixture()
+def baseline(loop, cluster):
+    return loop.run(_free_blocks(cluster))
+
+
+@pytest.mark.parametrize("prompt_len,at,max_tokens", [(20, 5, 40), (300, 40, 80), (900, 100, 150)])
+def test_greedy_exact_after_one_migration(loop, cluster, baseline, prompt_len, at, max_tokens):
+    prompt, sp = prompt_of(prompt_len, prompt_len), {**GREEDY, "max_tokens": max_tokens}
+    ref = loop.run(_reference(cluster, prompt, sp))
+    h, (r,) = loop.run(_migrated(cluster, prompt, sp, [(at, "i1")]))
+    assert r.committed, r
+    assert h.output_token_ids == ref
+    assert h.finish_reason == "length" and h.instance_id == "i1"
+    _assert_clean(loop, cluster, baseline)
+
+
+def test_seeded_exact_across_several_migrations(loop, cluster, baseline):
+    prompt, sp = prompt_of(200, 7), {**SEEDED, "max_tokens": 120}
+    ref = loop.run(_reference(cluster, prompt, sp))
+    h, results = loop.run(_migrated(cluster, prompt, sp, [(20, "i1"), (60, "i0"), (90, "i1")]))
+    assert all(r.committed for r in results), results
+    assert h.output_token_ids == ref
+    assert h.num_migrations == 3
+    _assert_clean(loop, cluster, baseline)
+
+
+def test_precopy_moves_most_blocks_before_stop(loop, cluster, baseline):
+    prompt, sp = prompt_of(1500, 3), {**GREEDY, "max_tokens": 60}
+    cfg = MigrationConfig(max_precopy_stages=3, stop_threshold_blocks=1)
+    h, (r,) = loop.run(_migrated(cluster, prompt, sp, [(10, "i1")], cfg))
+    assert r.committed and r.stages >= 1
+    full_blocks = (r.context_tokens - 1) // 32
+    assert sum(r.blocks_per_stage) >= full_blocks - 2, r
+    _assert_clean(loop, cluster, baseline)
+
+
+def test_waiting_or_prefill_request_migrates(loop, cluster, baseline):
+    prompt, sp = prompt_of(600, 11), {**GREEDY, "max_tokens": 30}
+    ref = loop.run(_reference(cluster, prompt, sp))
+
+    async def go():
+        h = await cluster.submit(prompt, sp, instance="i0")
+        r = await cluster.migrate(h.request_id, "i1")  # at once: no output yet
+        await h.wait(120)
+        return h, r
+    h, r = loop.run(go())
+    assert r.committed, r
+    assert h.output_token_ids == ref
+    _assert_clean(loop, cluster, baseline)
+
+
+def test_request_finishing_during_precopy_aborts_cleanly(loop, cluster, baseline):
+    prompt, sp = prompt_of(100, 5), {**GREEDY, "max_tokens": 12}
+    ref = loop.run(_reference(cluster, prompt, sp))
+    cfg = MigrationConfig(max_precopy_stages=50, stop_threshold_blocks=0)
+
+    async def go():
+        h = await cluster.submit(prompt, sp, instance="i0")
+        await h.wait_tokens(10, 60)
+        r = await cluster.migrate(h.request_id, "i1", cfg)
+        await h.wait(60)
+        return h, r
+    h, r = loop.run(go())
+    # Either it finished first (abort) or the migration won the race; both exact.
+    assert h.output_token_ids == ref and h.finish_reason == "length"
+    assert r.state in ("aborted", "done")
+    _assert_clean(loop, cluster, baseline)
+
+
+def test_destination_without_room_is_refused_and_request_continues(loop, cluster, baseline):
+    prompt, sp = prompt_of(400, 9), {**GREEDY, "max_tokens": 40}
+    ref = loop.run(_reference(cluster, prompt, sp))
+
+    async def go():
+        # Fill i1 with long requests so it has no free blocks for ours.
+        hogs = [await cluster.submit(prompt_of(3000, k), {**GREEDY, "max_tokens": 400},
+                                     instance="i1") for k in range(2)]
+        h = await cluster.submit(prompt, sp, instance="i0")
+        await h.wait_tokens(5, 60)
+        await asyncio.sleep(1.0)
+        r = await cluster.migrate(h.request_id, "i1")
+        for hog in hogs:
+            await cluster.abort(hog.request_id)
+        await h.wait(60)
+        return h, r
+    h, r = loop.run(go())
+    assert r.state == "aborted" and r.abort_stage == "reserving", r
+    assert h.output_token_ids == ref and h.instance_id == "i0"
+    _assert_clean(loop, cluster, baseline)
+
+
+def test_client_abort_during_migration_leaves_nothing(loop, cluster, baseline):
+    prompt, sp = prompt_of(800, 2), {**GREEDY, "max_tokens": 200}
+
+    async def go():
+        h = await cluster.submit(prompt, sp, instance="i0")
+        await h.wait_tokens(5, 60)
+        mig = asyncio.ensure_future(cluster.migrate(h.request_id, "i1"))
+        await asyncio.sleep(0.05)
+        await cluster.abort(h.request_id)
+        r = await mig
+        if not h.finished:  # the abort raced the hop; abort where it lives now
+            await cluster.abort(h.request_id)
+        await h.wait(60)
+        return h, r
+    h, r = loop.run(go())
+    assert h.finished
+    _assert_clean(loop, cluster, baseline)
+
+
+def test_unmigratable_requests_are_refused(loop, cluster):
+    async def go():
+        h = await cluster.submit(prompt_of(30), {**GREEDY, "max_tokens": 50,
+                                                 "presence_penalty": 0.5}, instance="i0")
+        try:
+            with pytest.raises(MigrationRefused, match="presence_penalty"):
+                await cluster.migrate(h.request_id, "i1")
+            with pytest.raises(MigrationRefused, match="current instance"):
+                h2 = await cluster.submit(prompt_of(30), {**GREEDY, "max_tokens": 50},
+                                          instance="i0")
+                await cluster.migrate(h2.request_id, "i0")
+        finally:
+            await h.wait(60)
+    loop.run(go())
