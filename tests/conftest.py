@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 ENGINE_ARGS = ["--dtype", "float32", "--enforce-eager", "--block-size", "32",
-               "--kv-cache-memory-bytes", str(32 << 20), "--max-model-len", "4096",
+               "--kv-cache-memory-bytes", str(160 << 20), "--max-model-len", "4096",
                "--max-num-seqs", "16"]
 
 
@@ -38,8 +38,11 @@ class LoopThread:
 
 @pytest.fixture(scope="session")
 def tiny_model() -> str:
-    from llumigrate.model.tiny import ensure_tiny_model
-    return str(ensure_tiny_model())
+    """Engine tests use a wider variant of the built-in model: it decodes slowly
+    enough (tens of ms a step on 2 cores) that a test can migrate mid-stream."""
+    from llumigrate.model.tiny import TinyModelConfig, ensure_tiny_model
+    return str(ensure_tiny_model(config=TinyModelConfig(num_layers=4, hidden_size=512,
+                                                        num_heads=8, num_kv_heads=8)))
 
 
 @pytest.fixture(scope="session")

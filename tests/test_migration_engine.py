@@ -62,7 +62,7 @@ def baseline(loop, cluster):
     return loop.run(_free_blocks(cluster))
 
 
-@pytest.mark.parametrize("prompt_len,at,max_tokens", [(20, 5, 40), (300, 40, 80), (900, 100, 150)])
+@pytest.mark.parametrize("prompt_len,at,max_tokens", [(20, 5, 300), (300, 40, 300), (900, 100, 300)])
 def test_greedy_exact_after_one_migration(loop, cluster, baseline, prompt_len, at, max_tokens):
     prompt, sp = prompt_of(prompt_len, prompt_len), {**GREEDY, "max_tokens": max_tokens}
     ref = loop.run(_reference(cluster, prompt, sp))
@@ -74,9 +74,9 @@ def test_greedy_exact_after_one_migration(loop, cluster, baseline, prompt_len, a
 
 
 def test_seeded_exact_across_several_migrations(loop, cluster, baseline):
-    prompt, sp = prompt_of(200, 7), {**SEEDED, "max_tokens": 120}
+    prompt, sp = prompt_of(200, 7), {**SEEDED, "max_tokens": 400}
     ref = loop.run(_reference(cluster, prompt, sp))
-    h, results = loop.run(_migrated(cluster, prompt, sp, [(20, "i1"), (60, "i0"), (90, "i1")]))
+    h, results = loop.run(_migrated(cluster, prompt, sp, [(20, "i1"), (120, "i0"), (240, "i1")]))
     assert all(r.committed for r in results), results
     assert h.output_token_ids == ref
     assert h.num_migrations == 3
@@ -84,7 +84,7 @@ def test_seeded_exact_across_several_migrations(loop, cluster, baseline):
 
 
 def test_precopy_moves_most_blocks_before_stop(loop, cluster, baseline):
-    prompt, sp = prompt_of(1500, 3), {**GREEDY, "max_tokens": 60}
+    prompt, sp = prompt_of(1500, 3), {**GREEDY, "max_tokens": 300}
     cfg = MigrationConfig(max_precopy_stages=3, stop_threshold_blocks=1)
     h, (r,) = loop.run(_migrated(cluster, prompt, sp, [(10, "i1")], cfg))
     assert r.committed and r.stages >= 1
@@ -94,7 +94,7 @@ def test_precopy_moves_most_blocks_before_stop(loop, cluster, baseline):
 
 
 def test_waiting_or_prefill_request_migrates(loop, cluster, baseline):
-    prompt, sp = prompt_of(600, 11), {**GREEDY, "max_tokens": 30}
+    prompt, sp = prompt_of(600, 11), {**GREEDY, "max_tokens": 200}
     ref = loop.run(_reference(cluster, prompt, sp))
 
     async def go():
@@ -116,27 +116,30 @@ def test_request_finishing_during_precopy_aborts_cleanly(loop, cluster, baseline
     async def go():
         h = await cluster.submit(prompt, sp, instance="i0")
         await h.wait_tokens(10, 60)
-        r = await cluster.migrate(h.request_id, "i1", cfg)
+        try:
+            r = await cluster.migrate(h.request_id, "i1", cfg)
+        except MigrationRefused:  # it finished before the call: nothing to move
+            r = None
         await h.wait(60)
         return h, r
     h, r = loop.run(go())
-    # Either it finished first (abort) or the migration won the race; both exact.
+    # It finished before, during or after the migration; the stream is exact either way.
     assert h.output_token_ids == ref and h.finish_reason == "length"
-    assert r.state in ("aborted", "done")
+    assert r is None or r.state in ("aborted", "done")
     _assert_clean(loop, cluster, baseline)
 
 
 def test_destination_without_room_is_refused_and_request_continues(loop, cluster, baseline):
-    prompt, sp = prompt_of(400, 9), {**GREEDY, "max_tokens": 40}
+    prompt, sp = prompt_of(400, 9), {**GREEDY, "max_tokens": 600}
     ref = loop.run(_reference(cluster, prompt, sp))
 
     async def go():
         # Fill i1 with long requests so it has no free blocks for ours.
-        hogs = [await cluster.submit(prompt_of(3000, k), {**GREEDY, "max_tokens": 400},
-                                     instance="i1") for k in range(2)]
+        hogs = [await cluster.submit(prompt_of(3400, k), {**GREEDY, "max_tokens": 600},
+                                     instance="i1") for k in range(3)]
         h = await cluster.submit(prompt, sp, instance="i0")
         await h.wait_tokens(5, 60)
-        await asyncio.sleep(1.0)
+        await hogs[1].wait_tokens(1, 120)  # i1's cache is now (nearly) full
         r = await cluster.migrate(h.request_id, "i1")
         for hog in hogs:
             await cluster.abort(hog.request_id)
@@ -149,7 +152,7 @@ def test_destination_without_room_is_refused_and_request_continues(loop, cluster
 
 
 def test_client_abort_during_migration_leaves_nothing(loop, cluster, baseline):
-    prompt, sp = prompt_of(800, 2), {**GREEDY, "max_tokens": 200}
+    prompt, sp = prompt_of(800, 2), {**GREEDY, "max_tokens": 600}
 
     async def go():
         h = await cluster.submit(prompt, sp, instance="i0")
@@ -169,13 +172,13 @@ def test_client_abort_during_migration_leaves_nothing(loop, cluster, baseline):
 
 def test_unmigratable_requests_are_refused(loop, cluster):
     async def go():
-        h = await cluster.submit(prompt_of(30), {**GREEDY, "max_tokens": 50,
+        h = await cluster.submit(prompt_of(30), {**GREEDY, "max_tokens": 600,
                                                  "presence_penalty": 0.5}, instance="i0")
         try:
             with pytest.raises(MigrationRefused, match="presence_penalty"):
                 await cluster.migrate(h.request_id, "i1")
             with pytest.raises(MigrationRefused, match="current instance"):
-                h2 = await cluster.submit(prompt_of(30), {**GREEDY, "max_tokens": 50},
+                h2 = await cluster.submit(prompt_of(30), {**GREEDY, "max_tokens": 600},
                                           instance="i0")
                 await cluster.migrate(h2.request_id, "i0")
         finally:

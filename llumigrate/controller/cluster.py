@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import tempfile
 import uuid
 from pathlib import Path
@@ -27,6 +28,16 @@ from llumigrate.errors import ConfigError, InstanceLost, MigrationRefused, Reque
 from llumigrate.migration.protocol import MigrationConfig
 
 logger = logging.getLogger(__name__)
+
+
+def cpu_binding(index: int) -> dict[str, str]:
+    """Pin a CPU engine's compute threads to its own core (vLLM's default
+    binds every engine on a host to the same core). The operator's own
+    VLLM_CPU_OMP_THREADS_BIND wins."""
+    if "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return {}
+    cores = sorted(os.sched_getaffinity(0))
+    return {"VLLM_CPU_OMP_THREADS_BIND": str(cores[index % len(cores)])}
 
 
 class Cluster:
@@ -54,9 +65,10 @@ class Cluster:
         ids = [f"i{n}" for n in range(self.num_instances)]
         # NOTE: engines start one after another: on a small machine parallel
         # starts compete for the same cores and memory profiling.
-        for iid in ids:
+        for n, iid in enumerate(ids):
             inst = await spawn_agent(iid, self.model, self.engine_args, self.run_dir,
-                                     token=self.token, kv_transport=self.kv_transport)
+                                     token=self.token, kv_transport=self.kv_transport,
+                                     env=cpu_binding(n))
             await self.add_instance(inst)
         return self
 

@@ -34,6 +34,9 @@ class MigrationResult:
     context_tokens: int = 0
     downtime_s: float | None = None
     total_s: float = 0.0
+    started_at: float = 0.0      # monotonic clock
+    stopped_at: float | None = None
+    phase_s: dict[str, float] = field(default_factory=dict)   # seconds spent per state
     history: list[str] = field(default_factory=list)
 
     @property
@@ -53,15 +56,15 @@ class Coordinator:
         self.new_rid = f"{req.request_id}#{req.hop + 1}"
 
     async def run(self) -> MigrationResult:
-        t0 = time.monotonic()
+        t0 = self.result.started_at = time.monotonic()
         try:
-            await self._reserve()
-            await self._precopy()
+            await self._timed("reserve", self._reserve())
+            await self._timed("precopy", self._precopy())
             if not self.m.state.terminal:
-                await self._stop()
+                await self._timed("stop", self._stop())
             if self.m.state is State.COMMITTING:
-                await self._commit()
-                await self._release()
+                await self._timed("commit", self._commit())
+                await self._timed("release", self._release())
         except (MigrationAborted, InstanceLost, LlumigrateError, asyncio.TimeoutError, OSError) as e:
             reason = str(e) or type(e).__name__
             logger.warning("migration of %s %s->%s failed in %s: %s", self.req.request_id,
@@ -72,6 +75,13 @@ class Coordinator:
         r.stages, r.total_s = self.m.stages_done, time.monotonic() - t0
         r.history = [s.value for s in self.m.history] + [self.m.state.value]
         return r
+
+    async def _timed(self, name: str, coro) -> None:
+        t = time.monotonic()
+        try:
+            await coro
+        finally:
+            self.result.phase_s[name] = time.monotonic() - t
 
     # -- steps -----------------------------------------------------------------
     async def _reserve(self) -> None:
@@ -96,7 +106,7 @@ class Coordinator:
             tokens = self.req.all_token_ids
             full_blocks = (len(tokens) - 1) // bs
             action = self.m.next_action(full_blocks)
-            if action is Action.STOP:
+            if action is Action.STOP or self.config.recompute:
                 self.m.on_stop_begin()
                 return
             n = full_blocks * bs
@@ -109,6 +119,7 @@ class Coordinator:
 
     async def _stop(self) -> None:
         req = self.req
+        self.result.stopped_at = time.monotonic()
         res = await self.src.call("stop", rpc_timeout=self.m.timeout_for() + 2, rid=self.old_rid,
                                   timeout=self.m.timeout_for())
         if "finished" in res:  # it finished on the source before the stop landed
@@ -137,8 +148,11 @@ class Coordinator:
         self.on_hop(req, self.dst, req.hop + 1)  # route the new hop's events from here on
         await self.dst.call("generate", rpc_timeout=self.m.timeout_for(), rid=self.new_rid,
                             prompt_token_ids=s.tokens, sampling=sampling, priority=req.priority,
-                            load=self._load(self.old_rid, s.num_kv_tokens, final=True),
+                            load=None if self.config.recompute else
+                            self._load(self.old_rid, s.num_kv_tokens, final=True),
                             generator_state=s.generator_state)
+        if self.config.recompute:  # nothing will pull the held blocks
+            await self.src.call("release", rpc_timeout=5, rid=self.old_rid)
         if req.abort_requested:  # aborted while the hop was being created
             await self.dst.call("abort", rpc_timeout=5, rid=self.new_rid)
         await req.wait_tokens(n_before + 1, timeout=self.m.timeout_for())

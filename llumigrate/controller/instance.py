@@ -82,7 +82,7 @@ class Instance:
 
 async def spawn_agent(instance_id: str, model: str, engine_argv: list[str], run_dir: Path,
                       *, token: str | None = None, kv_transport: str = "auto",
-                      start_timeout: float = 300.0) -> Instance:
+                      env: dict[str, str] | None = None, start_timeout: float = 300.0) -> Instance:
     """Start a local agent process and wait until it serves."""
     run_dir.mkdir(parents=True, exist_ok=True)
     ready = run_dir / f"{instance_id}.ready"
@@ -91,7 +91,7 @@ async def spawn_agent(instance_id: str, model: str, engine_argv: list[str], run_
     cmd = [sys.executable, "-m", "llumigrate.agent", "--model", model, "--instance-id", instance_id,
            "--ready-file", str(ready), "--exit-with-parent", "--kv-transport", kv_transport,
            "--", *engine_argv]
-    env = dict(os.environ)
+    env = {**os.environ, **(env or {})}
     if token:
         env["LLUMIGRATE_TOKEN"] = token
     with open(log_path, "ab") as log:

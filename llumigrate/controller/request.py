@@ -40,6 +40,7 @@ class RequestHandle:
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     last_token_at: float | None = None
+    token_times: list[float] = field(default_factory=list)  # arrival time of each delta
     _queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     _done: asyncio.Event = field(default_factory=asyncio.Event)
     _token_event: asyncio.Event = field(default_factory=asyncio.Event)
@@ -60,6 +61,7 @@ class RequestHandle:
         if self.first_token_at is None:
             self.first_token_at = now
         self.last_token_at = now
+        self.token_times.append(now)
         self.output_token_ids.extend(tokens)
         self._queue.put_nowait(StreamDelta(list(tokens)))
         self._token_event.set()

@@ -190,7 +190,9 @@ class WorkerSide:
                 req_id = self._by_key.get(pull.key)
                 entry = self._entries.get(req_id) if req_id else None
                 if entry is None:
-                    raise TransferRefused(f"no running or held request {pull.key!r} here")
+                    raise TransferRefused(
+                        f"no running or held request {pull.key!r} here "
+                        f"({len(self._by_key)} running, {len(self._held)} held)")
                 block_ids = entry.block_ids
             end = pull.start_block + pull.num_blocks
             if pull.start_block < 0 or end > len(block_ids):

@@ -71,6 +71,8 @@ class MigrationConfig:
     stop_timeout_s: float = 5.0
     commit_timeout_s: float = 30.0
     release_timeout_s: float = 5.0
+    # Baseline for benchmarks: move no KV, re-prefill on the destination.
+    recompute: bool = False
 
     def __post_init__(self) -> None:
         if self.max_precopy_stages < 0:
