@@ -130,23 +130,25 @@ def test_request_finishing_during_precopy_aborts_cleanly(loop, cluster, baseline
 
 
 def test_destination_without_room_is_refused_and_request_continues(loop, cluster, baseline):
-    prompt, sp = prompt_of(400, 9), {**GREEDY, "max_tokens": 600}
+    # Two long requests leave i1 fewer free blocks than this 3500-token request needs.
+    prompt, sp = prompt_of(3500, 9), {**GREEDY, "max_tokens": 200}
     ref = loop.run(_reference(cluster, prompt, sp))
 
     async def go():
-        # Fill i1 with long requests so it has no free blocks for ours.
         hogs = [await cluster.submit(prompt_of(3400, k), {**GREEDY, "max_tokens": 600},
-                                     instance="i1") for k in range(3)]
+                                     instance="i1") for k in range(2)]
+        await hogs[1].wait_tokens(1, 120)
         h = await cluster.submit(prompt, sp, instance="i0")
-        await h.wait_tokens(5, 60)
-        await hogs[1].wait_tokens(1, 120)  # i1's cache is now (nearly) full
+        await h.wait_tokens(5, 120)
         r = await cluster.migrate(h.request_id, "i1")
         for hog in hogs:
             await cluster.abort(hog.request_id)
-        await h.wait(60)
+            await hog.wait(60)
+        await h.wait(120)
         return h, r
     h, r = loop.run(go())
     assert r.state == "aborted" and r.abort_stage == "reserving", r
+    assert "free blocks" in r.reason
     assert h.output_token_ids == ref and h.instance_id == "i0"
     _assert_clean(loop, cluster, baseline)
 
