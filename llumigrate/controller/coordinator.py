@@ -104,7 +104,11 @@ class Coordinator:
                 await self._rollback(self.m.on_source_finished())
                 return
             tokens = self.req.all_token_ids
-            full_blocks = (len(tokens) - 1) // bs
+            # NOTE: positions [0, len - 1) hold KV only once the prompt is fully
+            # prefilled, i.e. once a token was sampled. Before that, pre-copying
+            # could cache blocks that are not computed yet: go straight to the
+            # stop, whose sealed state has the scheduler's exact computed count.
+            full_blocks = (len(tokens) - 1) // bs if self.req.output_token_ids else 0
             action = self.m.next_action(full_blocks)
             if action is Action.STOP or self.config.recompute:
                 self.m.on_stop_begin()
