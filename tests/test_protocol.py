@@ -89,7 +89,8 @@ def test_failure_rollback_per_state(state_events, expected_action, end_state):
 
 def test_failure_after_commit_is_not_an_abort():
     m = make_migration()
-    m.on_reserved(); m.on_stop_begin(); m.on_stopped(); m.on_committed()
+    for event in (m.on_reserved, m.on_stop_begin, m.on_stopped, m.on_committed):
+        event()
     assert m.on_failure("release lost") is Action.NONE
     assert m.state is State.DONE and m.abort_reason == ""
 
@@ -110,7 +111,8 @@ def test_source_finished_during_precopy_cancels():
 
 def test_source_finished_after_stop_is_not_a_cancel():
     m = make_migration()
-    m.on_reserved(); m.on_stop_begin()
+    m.on_reserved()
+    m.on_stop_begin()
     assert m.on_source_finished() is Action.NONE
     assert m.state is State.STOPPING
 
@@ -124,11 +126,10 @@ def test_out_of_order_event_raises():
 def test_every_live_state_has_a_deadline():
     m = make_migration(stage_timeout_s=7.5)
     seen = {}
-    seen[m.state] = m.timeout_for(); m.on_reserved()
-    seen[m.state] = m.timeout_for(); m.on_stop_begin()
-    seen[m.state] = m.timeout_for(); m.on_stopped()
-    seen[m.state] = m.timeout_for(); m.on_committed()
-    seen[m.state] = m.timeout_for()
+    for event in (m.on_reserved, m.on_stop_begin, m.on_stopped, m.on_committed, None):
+        seen[m.state] = m.timeout_for()
+        if event is not None:
+            event()
     assert all(v > 0 for v in seen.values())
     assert seen[State.PRECOPY] == 7.5
 

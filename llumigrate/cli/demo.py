@@ -15,13 +15,13 @@ import sys
 import time
 
 ENGINE_ARGS = ["--dtype", "float32", "--enforce-eager", "--block-size", "32",
-               "--kv-cache-memory-bytes", str(64 << 20), "--max-model-len", "4096"]
+               "--kv-cache-memory-bytes", str(256 << 20), "--max-model-len", "4096"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model path (default: the built-in tiny model)")
     p.add_argument("--requests", type=int, default=8)
-    p.add_argument("--max-tokens", type=int, default=96)
+    p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -32,10 +32,14 @@ def _pct(xs: list[float], q: float) -> float:
 
 async def _demo(args: argparse.Namespace) -> int:
     from llumigrate.controller.cluster import Cluster
-    from llumigrate.model.tiny import ensure_tiny_model
+    from llumigrate.errors import MigrationRefused
+    from llumigrate.model.tiny import TinyModelConfig, ensure_tiny_model
 
     rng = random.Random(args.seed)
-    model = args.model or str(ensure_tiny_model())
+    # A 4-layer variant of the built-in model: slow enough on a small CPU that
+    # requests are still decoding when they are migrated.
+    model = args.model or str(ensure_tiny_model(config=TinyModelConfig(
+        num_layers=4, hidden_size=512, num_heads=8, num_kv_heads=8)))
     t0 = time.monotonic()
     print(f"[demo] starting 2 instances of {model} ...", flush=True)
     async with Cluster(model, 2, ENGINE_ARGS) as cluster:
@@ -57,7 +61,7 @@ async def _demo(args: argparse.Namespace) -> int:
 
         print("[demo] same requests with live migration ...", flush=True)
         handles = [await cluster.submit(p, s, instance="i0") for p, s in jobs]
-        results = []
+        results, skipped = [], 0
         for k, h in enumerate(handles):
             points = [args.max_tokens // 4] + ([args.max_tokens // 2] if k % 3 == 0 else [])
             for n in points:
@@ -65,7 +69,12 @@ async def _demo(args: argparse.Namespace) -> int:
                 if h.finished:
                     break
                 dst = "i1" if h.instance_id == "i0" else "i0"
-                r = await cluster.migrate(h.request_id, dst)
+                try:
+                    r = await cluster.migrate(h.request_id, dst)
+                except MigrationRefused as e:  # finished meanwhile: nothing to move
+                    skipped += 1
+                    print(f"[demo] {h.request_id}: not migrated ({e})", flush=True)
+                    break
                 results.append(r)
                 print(f"[demo] {h.request_id}: {r.source}->{r.destination} {r.state} "
                       f"ctx={r.context_tokens} stages={r.stages} "
@@ -78,10 +87,13 @@ async def _demo(args: argparse.Namespace) -> int:
     downs = [1000 * r.downtime_s for r in committed if r.downtime_s is not None]
     tokens = sum(len(h.output_token_ids) for h in handles)
     print(f"[demo] requests={len(handles)} exact={exact}/{len(handles)} "
-          f"migrations={len(committed)}/{len(results)} tokens={tokens} "
+          f"migrations={len(committed)}/{len(results)} (skipped {skipped}) tokens={tokens} "
           f"downtime_ms p50={_pct(downs, 0.5):.1f} p99={_pct(downs, 0.99):.1f} "
           f"mean={statistics.fmean(downs) if downs else float('nan'):.1f}")
-    ok = exact == len(handles) and len(committed) == len(results)
+    # Every stream must be exact; a migration may abort only because its
+    # request finished on the source first (then nothing was lost either).
+    aborted_badly = [r for r in results if not r.committed and "finished" not in r.reason]
+    ok = exact == len(handles) and not aborted_badly and committed
     print("[demo] OK" if ok else "[demo] FAILED", flush=True)
     return 0 if ok else 1
 
