@@ -46,7 +46,11 @@ async def _demo(args: argparse.Namespace) -> int:
         print(f"[demo] instances up in {time.monotonic() - t0:.0f}s", flush=True)
         jobs = []
         for k in range(args.requests):
-            prompt = [rng.randrange(3, 2000) for _ in range(rng.choice([40, 300, 1200]))]
+            # NOTE: seeded prompts stay short: vLLM 0.32 on CPU crashes when a
+            # seeded request's prefill is chunked in a mixed batch (its
+            # bookkeeping calls Generator.get_offset, which CPU generators lack).
+            length = rng.choice([40, 300, 1200]) if k % 2 == 0 else 40
+            prompt = [rng.randrange(3, 2000) for _ in range(length)]
             sampling = {"max_tokens": args.max_tokens, "ignore_eos": True,
                         **({"temperature": 0.0} if k % 2 == 0 else
                            {"temperature": 0.8, "seed": 1000 + k})}
@@ -82,6 +86,9 @@ async def _demo(args: argparse.Namespace) -> int:
         for h in handles:
             await h.wait(300)
 
+    bad = [(h.request_id, h.finish_reason, h.error) for h in handles + refs if h.finish_reason != "length"]
+    if bad:
+        print(f"[demo] requests that did not run to max_tokens: {bad[:4]}", flush=True)
     exact = sum(h.output_token_ids == r.output_token_ids for h, r in zip(handles, refs))
     committed = [r for r in results if r.committed]
     downs = [1000 * r.downtime_s for r in committed if r.downtime_s is not None]
