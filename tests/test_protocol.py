@@ -139,3 +139,12 @@ def test_every_live_state_has_a_deadline():
 def test_config_validation(kw):
     with pytest.raises(ConfigError):
         MigrationConfig(**kw)
+
+
+def test_finished_before_stop_ends_aborted_with_nothing_to_resume():
+    m = make_migration()
+    m.on_reserved()
+    m.on_stop_begin()
+    m.on_finished_before_stop()
+    assert m.state is State.ABORTED and m.next_action() is Action.NONE
+    assert m.abort_stage == "stopping" and "finished" in m.abort_reason

@@ -42,8 +42,7 @@ async def _main(args: argparse.Namespace, engine_argv: list[str]) -> int:
     runtime = EngineRuntime(engine_args)
     agent = Agent(args.instance_id, runtime)
     agent.server.token = args.token
-    stop = asyncio.Event()
-    agent._shutdown_event = stop
+    stop = agent.shutdown_event
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

@@ -46,6 +46,7 @@ class Agent:
         self.kv: dict = {}
         self.reqs: dict[str, _Req] = {}
         self.started = time.time()
+        self.shutdown_event = asyncio.Event()  # set by the `shutdown` RPC
         self.server = RpcServer({name[4:]: getattr(self, name) for name in dir(self)
                                  if name.startswith("rpc_")})
 
@@ -185,10 +186,8 @@ class Agent:
 
     # -- lifecycle -----------------------------------------------------------
     async def rpc_shutdown(self, conn: Connection) -> bool:
-        asyncio.get_running_loop().call_later(0.05, self._shutdown_event.set)
+        asyncio.get_running_loop().call_later(0.05, self.shutdown_event.set)
         return True
-
-    _shutdown_event: asyncio.Event
 
     def _live(self, rid: str) -> _Req:
         req = self.reqs.get(rid)

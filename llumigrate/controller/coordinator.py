@@ -127,8 +127,7 @@ class Coordinator:
         res = await self.src.call("stop", rpc_timeout=self.m.timeout_for() + 2, rid=self.old_rid,
                                   timeout=self.m.timeout_for())
         if "finished" in res:  # it finished on the source before the stop landed
-            self.m.on_failure("request finished on the source")
-            self.m.state = State.ABORTED
+            self.m.on_finished_before_stop()
             return
         self.sealed = s = SealedRequest.from_wire(res["sealed"])
         self._last_src_token_at = req.last_token_at
@@ -199,7 +198,6 @@ class Coordinator:
                 except Exception:
                     pass
             req.finish("abort")
-            self.m.state = State.ROLLING_BACK
             self.m.on_resumed()
             return
         if req.hop > 0 and req.engine_rid == self.new_rid:
@@ -216,7 +214,6 @@ class Coordinator:
                 await self.src.call("release", rpc_timeout=5, rid=self.old_rid)
             except Exception:
                 pass
-        self.m.state = State.ROLLING_BACK
         self.m.on_resumed()
 
     async def _resume_on_source(self) -> None:

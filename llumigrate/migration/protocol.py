@@ -206,6 +206,13 @@ class Migration:
             return self.on_failure("request finished on the source")
         return Action.NONE
 
+    def on_finished_before_stop(self, reason: str = "request finished on the source") -> None:
+        """The stop found the request already finished: nothing is held, so
+        there is nothing to resume; the migration ends ABORTED."""
+        self._expect(State.STOPPING)
+        self.abort_reason, self.abort_stage = reason, self.state.value
+        self._go(State.ABORTED)
+
     def on_resumed(self) -> None:
         self._expect(State.ROLLING_BACK)
         self._go(State.ABORTED)
