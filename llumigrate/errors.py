@@ -46,3 +46,11 @@ class RequestNotFound(LlumigrateError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message otherwise
         return str(self.args[0]) if self.args else "request not found"
+
+
+class InstanceNotFound(LlumigrateError, KeyError):
+    """No instance has that id (an instance that exists but stopped answering
+    raises InstanceLost instead)."""
+
+    def __str__(self) -> str:  # KeyError quotes its message otherwise
+        return str(self.args[0]) if self.args else "instance not found"
