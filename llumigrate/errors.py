@@ -54,3 +54,8 @@ class InstanceNotFound(LlumigrateError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message otherwise
         return str(self.args[0]) if self.args else "instance not found"
+
+
+class NoInstanceAvailable(LlumigrateError):
+    """No instance may take a new request (all down, draining or stale); the
+    message says why each one was excluded."""

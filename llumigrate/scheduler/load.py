@@ -1,0 +1,57 @@
+"""The load metric: freeness, in the spirit of Llumnix's virtual usage.
+
+    freeness(inst, p) = (free_blocks - waiting_demand_blocks - reserved(inst, p))
+                        / max(1, num_running)
+
+    reserved(inst, p) = high_priority_headroom_blocks  if inst runs or queues a
+                                                       high-priority request and
+                                                       p is not high priority
+                        0                              otherwise
+
+Free KV blocks minus what the queue already claims, shared among the running
+requests: higher is freer; negative means the instance is overloaded (its queue
+cannot start). Requests that are listed on an instance count whatever their
+state; the headroom protects that instance's high-priority requests from
+normal ones (dispatch sends normal requests elsewhere, the priority policy
+moves them out) while a high-priority request may use it.
+"""
+
+from __future__ import annotations
+
+from llumigrate.scheduler.config import SchedulerConfig
+from llumigrate.scheduler.snapshot import InstanceSnapshot, RequestSnapshot
+
+
+def hosts_high_priority(inst: InstanceSnapshot, cfg: SchedulerConfig) -> bool:
+    return any(cfg.is_high(r.priority) for r in inst.requests)
+
+
+def reserved_blocks(inst: InstanceSnapshot, cfg: SchedulerConfig, priority: int | None = None) -> int:
+    """Blocks of `inst` a request of `priority` (None: a normal one) may not count on."""
+    if (priority is not None and cfg.is_high(priority)) or not hosts_high_priority(inst, cfg):
+        return 0
+    return cfg.high_priority_headroom_blocks
+
+
+def spare_blocks(inst: InstanceSnapshot, cfg: SchedulerConfig, priority: int | None = None) -> int:
+    """Free blocks left once the queue and the headroom are served (may be < 0)."""
+    return inst.free_blocks - inst.waiting_demand_blocks - reserved_blocks(inst, cfg, priority)
+
+
+def freeness(inst: InstanceSnapshot, cfg: SchedulerConfig, priority: int | None = None) -> float:
+    """The instance's freeness as seen by a request of `priority`; None (the
+    default) means a normal-priority request: the load migration balances."""
+    return spare_blocks(inst, cfg, priority) / max(1, inst.num_running)
+
+
+def accepts_work(inst: InstanceSnapshot, cfg: SchedulerConfig, now: float) -> bool:
+    """Whether new requests or incoming migrations may go to `inst`: it is up,
+    not draining, and (when `stale_report_s` is set) its report is fresh."""
+    if not inst.up or inst.draining:
+        return False
+    return cfg.stale_report_s is None or now - inst.reported_at <= cfg.stale_report_s
+
+
+def fits(req: RequestSnapshot, inst: InstanceSnapshot) -> bool:
+    """Whether `inst` has the free blocks to hold running request `req` now."""
+    return req.blocks(inst.block_size) <= inst.free_blocks

@@ -1,0 +1,99 @@
+"""Migration plans and the rules every plan obeys.
+
+A `MigrationPlan` is a decision, not an action: the shell turns each into
+`Cluster.migrate(plan.request_id, plan.destination)`. `apply_plan` gives the
+snapshot as it will be once the plan completes (request moved, its blocks
+freed on the source and taken on the destination, one more migration in
+flight on each end), so policies planning several moves, and policies run
+after them, see their effect. `admissible` is the one gate every plan passes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from llumigrate.scheduler.config import SchedulerConfig
+from llumigrate.scheduler.cost import MigrationCostModel
+from llumigrate.scheduler.history import MigrationHistory
+from llumigrate.scheduler.load import accepts_work, fits
+from llumigrate.scheduler.snapshot import ClusterSnapshot, InstanceSnapshot, RequestSnapshot
+
+Reason = Literal["balance", "defrag", "priority", "drain"]
+
+
+@dataclass(frozen=True)
+class MigrationPlan:
+    request_id: str
+    source: str
+    destination: str
+    reason: Reason
+    priority: int = 0
+    num_tokens: int = 0
+    est_cost_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class PlanContext:
+    """Everything a migration policy reads besides the snapshot."""
+
+    cfg: SchedulerConfig = field(default_factory=SchedulerConfig)
+    history: MigrationHistory = field(default_factory=MigrationHistory)
+    cost: MigrationCostModel = field(default_factory=MigrationCostModel)
+
+    def plan(self, req: RequestSnapshot, destination: str, reason: Reason) -> MigrationPlan:
+        return MigrationPlan(req.request_id, req.instance_id, destination, reason, req.priority,
+                             req.num_tokens, self.cost.cost(req))
+
+
+def apply_plan(snapshot: ClusterSnapshot, plan: MigrationPlan) -> ClusterSnapshot:
+    """The snapshot once `plan` has completed; the moved request is marked
+    migrating, so no later plan of the same round moves it again."""
+    src, dst = snapshot[plan.source], snapshot[plan.destination]
+    req = next(r for r in src.requests if r.request_id == plan.request_id)
+    src = replace(src.without_request(req), migrations_out=src.migrations_out + 1)
+    dst = replace(dst.with_running(replace(req, migrating=True)),
+                  migrations_in=dst.migrations_in + 1)
+    return snapshot.replace(src, dst)
+
+
+def can_send(inst: InstanceSnapshot, cfg: SchedulerConfig) -> bool:
+    return inst.up and inst.migrations_out < cfg.max_migrations_out
+
+
+def can_receive(inst: InstanceSnapshot, cfg: SchedulerConfig, now: float) -> bool:
+    return accepts_work(inst, cfg, now) and inst.migrations_in < cfg.max_migrations_in
+
+
+def movable(req: RequestSnapshot, ctx: PlanContext, now: float, reason: Reason) -> bool:
+    """Whether a policy may move `req` at all: running, migratable, not already
+    migrating, not about to finish, and (except to drain) not cooling down."""
+    if req.status != "running" or not req.migratable or req.migrating:
+        return False
+    remaining = req.remaining_tokens
+    if remaining is not None and remaining < ctx.cfg.min_remaining_tokens:
+        return False
+    return reason == "drain" or not ctx.history.cooling(req.request_id, now, ctx.cfg.cooldown_s)
+
+
+def may_go(req: RequestSnapshot, dst: InstanceSnapshot, ctx: PlanContext, now: float,
+           reason: Reason) -> bool:
+    """Whether `dst` may receive `req`: another instance that accepts
+    migrations, has the blocks, and (except to drain) is not where `req`
+    just came from."""
+    if dst.instance_id == req.instance_id or not can_receive(dst, ctx.cfg, now) or not fits(req, dst):
+        return False
+    cfg = ctx.cfg
+    return reason == "drain" or not ctx.history.returning(req.request_id, dst.instance_id, now,
+                                                          cfg.no_return_s)
+
+
+def admissible(snapshot: ClusterSnapshot, plan: MigrationPlan, ctx: PlanContext) -> bool:
+    """The gate of every plan against the snapshot with the earlier plans applied."""
+    if plan.source not in snapshot or plan.destination not in snapshot:
+        return False
+    src = snapshot[plan.source]
+    req = next((r for r in src.requests if r.request_id == plan.request_id), None)
+    return (req is not None and can_send(src, ctx.cfg)
+            and movable(req, ctx, snapshot.now, plan.reason)
+            and may_go(req, snapshot[plan.destination], ctx, snapshot.now, plan.reason))
