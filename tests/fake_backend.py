@@ -1,0 +1,197 @@
+"""`FakeBackend`: a pure-Python ControlBackend for the control API tests, and
+`make_*` helpers to serve it on a background loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from typing import TypeVar
+
+from conftest import LoopThread
+
+from llumigrate.control.client import ControlClient
+from llumigrate.control.server import ControlServer, ControlServerConfig
+from llumigrate.control.backend import ControlBackend, HealthView, InstanceView, PolicyView, RequestView
+from llumigrate.control.events import DRAIN, MIGRATION_DONE, MIGRATION_STAGE, UNDRAIN, EventBus
+from llumigrate.controller.coordinator import MigrationResult
+from llumigrate.errors import ConfigError, InstanceLost, InstanceNotFound, MigrationRefused, RequestNotFound
+
+DISPATCH_POLICIES = ("balanced", "round_robin")
+MIGRATION_POLICIES = ("defrag", "load_balance")
+THRESHOLDS = ("migrate_out_freeness", "migrate_in_freeness")
+T = TypeVar("T")
+
+
+def make_instances() -> dict[str, InstanceView]:
+    return {iid: InstanceView(iid, f"127.0.0.1:{6000 + n}", num_blocks=100, free_blocks=80 - 10 * n,
+                              block_size=16, num_running=1, kv_cache_usage=0.2 + 0.1 * n,
+                              freeness=0.8 - 0.1 * n)
+            for n, iid in enumerate(("i0", "i1", "i2"))}
+
+
+def make_requests() -> dict[str, RequestView]:
+    return {"r0": RequestView("r0", "i0", num_prompt_tokens=300, num_output_tokens=20),
+            "r1": RequestView("r1", "i1", priority=1, num_prompt_tokens=40, num_output_tokens=5),
+            "r2": RequestView("r2", "i0", num_prompt_tokens=10, num_output_tokens=8, state="finished")}
+
+
+class FakeBackend(ControlBackend):
+    """Three instances (i0, i1, i2), requests r0 (on i0), r1 (on i1) and r2
+    (finished). `fail_next`, when set, is raised by the next call. `abort_next`
+    makes the next migration abort (a result, not an error)."""
+
+    def __init__(self) -> None:
+        self.instances = make_instances()
+        self.requests = make_requests()
+        self.policy = PolicyView("balanced", ("defrag",), {"migrate_out_freeness": 0.1},
+                                 DISPATCH_POLICIES, MIGRATION_POLICIES)
+        self.bus = EventBus()
+        self.fail_next: Exception | None = None
+        self.abort_next = False
+
+    def _check_fail(self) -> None:
+        exc, self.fail_next = self.fail_next, None
+        if exc is not None:
+            raise exc
+
+    def _instance(self, iid: str) -> InstanceView:
+        if iid not in self.instances:
+            raise InstanceNotFound(f"no instance {iid!r}; have {sorted(self.instances)}")
+        return self.instances[iid]
+
+    def _set_instance(self, iid: str, **changes: object) -> InstanceView:
+        self.instances[iid] = dataclasses.replace(self._instance(iid), **changes)
+        return self.instances[iid]
+
+    async def list_instances(self) -> list[InstanceView]:
+        self._check_fail()
+        return [self.instances[k] for k in sorted(self.instances)]
+
+    async def get_instance(self, instance_id: str) -> InstanceView:
+        self._check_fail()
+        return self._instance(instance_id)
+
+    async def list_requests(self, instance_id: str | None = None,
+                            include_finished: bool = False) -> list[RequestView]:
+        self._check_fail()
+        if instance_id is not None:
+            self._instance(instance_id)
+        return [r for r in self.requests.values()
+                if (instance_id is None or r.instance_id == instance_id)
+                and (include_finished or r.state != "finished")]
+
+    async def migrate(self, request_id: str, destination: str | None = None) -> MigrationResult:
+        self._check_fail()
+        req = self.requests.get(request_id)
+        if req is None:
+            raise RequestNotFound(f"no request {request_id!r}")
+        dst = self._destination(req, destination)
+        self.bus.emit(MIGRATION_STAGE, request_id, req.instance_id, dst, stage="precopy", blocks=18)
+        result = MigrationResult(request_id, req.instance_id, dst, "done", stages=1,
+                                 blocks_per_stage=[18], context_tokens=320, downtime_s=0.004,
+                                 total_s=0.25, phase_s={"reserve": 0.01, "precopy": 0.2})
+        if self.abort_next:
+            self.abort_next = False
+            result = dataclasses.replace(result, state="aborted", reason="destination full",
+                                         abort_stage="precopy", downtime_s=None)
+        else:
+            self.requests[request_id] = dataclasses.replace(req, instance_id=dst,
+                                                            num_migrations=req.num_migrations + 1)
+        self.bus.emit(MIGRATION_DONE, request_id, req.instance_id, dst, state=result.state)
+        return result
+
+    def _destination(self, req: RequestView, destination: str | None) -> str:
+        if req.state == "finished":
+            raise MigrationRefused(f"request {req.id} has finished")
+        if destination is None:
+            live = [i for i in sorted(self.instances) if i != req.instance_id
+                    and self.instances[i].up and not self.instances[i].draining]
+            if not live:
+                raise InstanceLost("no live instance to migrate to")
+            return live[0]
+        inst = self._instance(destination)
+        if destination == req.instance_id:
+            raise MigrationRefused("destination is the request's current instance")
+        if inst.draining:
+            raise MigrationRefused(f"instance {destination} is draining")
+        if not inst.up:
+            raise InstanceLost(f"instance {destination} is down")
+        return destination
+
+    async def drain(self, instance_id: str) -> InstanceView:
+        self._check_fail()
+        self.bus.emit(DRAIN, instance_id=self._instance(instance_id).id)
+        return self._set_instance(instance_id, draining=True)
+
+    async def undrain(self, instance_id: str) -> InstanceView:
+        self._check_fail()
+        self.bus.emit(UNDRAIN, instance_id=self._instance(instance_id).id)
+        return self._set_instance(instance_id, draining=False)
+
+    async def get_policy(self) -> PolicyView:
+        self._check_fail()
+        return self.policy
+
+    async def set_policy(self, dispatch: str | None = None, migration: list[str] | None = None,
+                         thresholds: Mapping[str, float] | None = None) -> PolicyView:
+        self._check_fail()
+        if dispatch is not None and dispatch not in DISPATCH_POLICIES:
+            raise ConfigError(f"unknown dispatch policy {dispatch!r}; allowed: {DISPATCH_POLICIES}")
+        unknown = sorted(set(migration or ()) - set(MIGRATION_POLICIES))
+        if unknown:
+            raise ConfigError(f"unknown migration policies {unknown}; allowed: {MIGRATION_POLICIES}")
+        for name, value in (thresholds or {}).items():
+            if name not in THRESHOLDS or not 0 <= value <= 1:
+                raise ConfigError(f"threshold {name}={value}: names {THRESHOLDS}, values in [0, 1]")
+        self.policy = dataclasses.replace(
+            self.policy, dispatch=dispatch or self.policy.dispatch,
+            migration=self.policy.migration if migration is None else tuple(migration),
+            thresholds={**self.policy.thresholds, **(thresholds or {})})
+        return self.policy
+
+    def event_bus(self) -> EventBus:
+        return self.bus
+
+    async def health(self) -> HealthView:
+        self._check_fail()
+        up = sum(i.up for i in self.instances.values())
+        return HealthView("serving" if up == len(self.instances) else "degraded", len(self.instances), up)
+
+
+# -- serving it ----------------------------------------------------------------------
+@dataclasses.dataclass
+class Served:
+    backend: FakeBackend
+    address: str        # what a client dials
+    server: ControlServer
+
+
+@contextlib.contextmanager
+def serving(loop: LoopThread, backend: FakeBackend | None = None, **config: object) -> Iterator[Served]:
+    """A ControlServer over `backend` on `loop`'s thread, bound to 127.0.0.1:0
+    unless `config` says otherwise; clients dial 127.0.0.1 at its port."""
+    backend = backend or FakeBackend()
+    server = ControlServer(backend, ControlServerConfig(**{"address": "127.0.0.1:0", **config}))
+    port = loop.run(server.start(), timeout=30)
+    try:
+        yield Served(backend, f"127.0.0.1:{port}", server)
+    finally:
+        loop.run(server.stop(0), timeout=30)
+
+
+def call(address: str, fn: Callable[[ControlClient], Awaitable[T]], token: str | None = None, **kw: object) -> T:
+    """`await fn(client)` with a fresh client, on a fresh loop in this thread."""
+    async def go() -> T:
+        async with ControlClient(address, token, **kw) as client:
+            return await fn(client)
+    return asyncio.run(go())
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
