@@ -39,8 +39,10 @@ def _median_gap(times: list[float], lo: float, hi: float) -> float | None:
     return statistics.median(gaps) if gaps else None
 
 
-async def _one(cluster: Cluster, ctx: int, mode: str, warm: int) -> dict:
-    prompt = [3 + (i * 31 + ctx) % 1900 for i in range(ctx)]
+async def _one(cluster: Cluster, ctx: int, mode: str, warm: int, salt: int) -> dict:
+    # NOTE: every run needs its own prompt: a prompt seen before would hit the
+    # destination's prefix cache and make copying (or recomputing) look free.
+    prompt = [3 + (salt * 7919 + i * 31 + ctx) % 1900 for i in range(ctx)]
     h = await cluster.submit(prompt, {"temperature": 0.0, "ignore_eos": True, "max_tokens": warm + 40},
                              instance="i0")
     await h.wait_tokens(warm, 600)
@@ -52,7 +54,7 @@ async def _one(cluster: Cluster, ctx: int, mode: str, warm: int) -> dict:
     during = _median_gap(h.token_times, r.started_at, r.stopped_at or r.started_at)
     return {"context": ctx, "mode": mode, "state": r.state, "downtime_ms": 1000 * (r.downtime_s or 0),
             "total_ms": 1000 * r.total_s, "stages": r.stages, "blocks_per_stage": r.blocks_per_stage,
-            "context_tokens": r.context_tokens, "step_ms_before": 1000 * before if before else None,
+            "context_tokens": r.context_tokens, "phase_s": r.phase_s, "downtime_marks": r.downtime_marks, "step_ms_before": 1000 * before if before else None,
             "step_ms_during_precopy": 1000 * during if during else None}
 
 
@@ -69,11 +71,11 @@ async def _bench(args: argparse.Namespace) -> dict:
         for ctx in args.contexts:
             for mode in MODES:
                 for rep in range(args.repeats):
-                    row = await _one(cluster, ctx, mode, args.warm_tokens)
+                    row = await _one(cluster, ctx, mode, args.warm_tokens, len(rows))
                     rows.append(row)
                     print(f"[{len(rows)}/{total}] ctx={ctx} {mode}: {row['state']} downtime "
                           f"{row['downtime_ms']:.1f} ms total {row['total_ms']:.0f} ms "
-                          f"stages {row['stages']}", flush=True)
+                          f"stages {row['stages']} marks {row['downtime_marks']}", flush=True)
     return {"config": vars(args), "results": rows}
 
 

@@ -35,12 +35,16 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 async def _main(args: argparse.Namespace, engine_argv: list[str]) -> int:
     from llumigrate.agent.server import Agent
+    from llumigrate.engine.notify import NotifyListener
     from llumigrate.engine.runtime import EngineRuntime, parse_engine_args
 
+    notify = NotifyListener()
+    await notify.start()
     engine_args = parse_engine_args(args.model, engine_argv, kv_host=args.kv_host,
-                                    kv_token=args.token, kv_transport=args.kv_transport)
+                                    kv_token=args.token, kv_transport=args.kv_transport,
+                                    notify_path=notify.path)
     runtime = EngineRuntime(engine_args)
-    agent = Agent(args.instance_id, runtime)
+    agent = Agent(args.instance_id, runtime, notify)
     agent.server.token = args.token
     stop = agent.shutdown_event
     loop = asyncio.get_running_loop()
@@ -65,6 +69,7 @@ async def _main(args: argparse.Namespace, engine_argv: list[str]) -> int:
     await stop.wait()
     await agent.server.close()
     runtime.shutdown()
+    await notify.close()
     return 0
 
 

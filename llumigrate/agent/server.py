@@ -17,13 +17,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llumigrate.agent.rpc import Connection, RpcServer
-from llumigrate.engine.params import LoadSpec, RequestTag
+from llumigrate.engine.notify import NotifyListener
+from llumigrate.engine.params import LoadSpec, RequestTag, SealedRequest
 from llumigrate.engine.runtime import EngineRuntime, sampling_params
 from llumigrate.errors import MigrationAborted, RequestNotFound
 
 logger = logging.getLogger(__name__)
 
-POLL_S = 0.002
+# Fallback poll period of engine state the engine also pushes (engine/notify.py).
+POLL_S = 0.02
 
 
 @dataclass
@@ -40,9 +42,11 @@ class _Req:
 
 
 class Agent:
-    def __init__(self, instance_id: str, runtime: EngineRuntime) -> None:
+    def __init__(self, instance_id: str, runtime: EngineRuntime,
+                 notify: NotifyListener | None = None) -> None:
         self.instance_id = instance_id
         self.rt = runtime
+        self.notify = notify
         self.kv: dict = {}
         self.reqs: dict[str, _Req] = {}
         self.started = time.time()
@@ -119,11 +123,25 @@ class Agent:
         """Prepare `rid` to be stopped: returns once the engine will hold its
         blocks on abort."""
         self._live(rid)
-        deadline = time.monotonic() + timeout
-        while not await self.rt.rpc("llumigrate_track", rid):
-            if time.monotonic() > deadline:
-                raise MigrationAborted("engine did not acknowledge tracking", "reserving")
-            await asyncio.sleep(POLL_S)
+        if await self.rt.rpc("llumigrate_track", rid):
+            return True
+
+        async def polled() -> dict:
+            while not await self.rt.rpc("llumigrate_track", rid):
+                await asyncio.sleep(POLL_S)
+            return {}
+        pushed = None
+        if self.notify is not None:
+            notify = self.notify
+
+            async def pushed() -> dict:
+                return await notify.wait("tracked", rid, timeout)
+        try:
+            await self._first_of(polled, pushed, timeout, "engine did not acknowledge tracking",
+                                 "reserving")
+        finally:
+            if self.notify is not None:
+                self.notify.discard("tracked", rid)
         return True
 
     async def rpc_untrack(self, conn: Connection, rid: str) -> None:
@@ -145,12 +163,62 @@ class Agent:
                 for event in req.held_back:
                     await req.conn.push("out", **event)
             return {"finished": reason}
-        deadline = time.monotonic() + timeout
-        while (sealed := await self.rt.rpc("llumigrate_sealed", rid)) is None:
-            if time.monotonic() > deadline:
-                raise MigrationAborted("source did not seal the request", "stopping")
-            await asyncio.sleep(POLL_S)
-        return {"sealed": sealed}
+        return {"sealed": await self._sealed(rid, timeout)}
+
+    async def _sealed(self, rid: str, timeout: float) -> dict:
+        """The sealed record of stopped `rid`: from the engine's pushes (the
+        scheduler's `held`, plus the worker's `held_gen` for seeded requests),
+        or from polling the worker if a push does not come."""
+        async def polled() -> dict:
+            while (sealed := await self.rt.rpc("llumigrate_sealed", rid)) is None:
+                await asyncio.sleep(POLL_S)
+            return {"sealed": sealed}
+
+        async def pushed() -> dict:
+            assert self.notify is not None
+            held = await self.notify.wait("held", rid, timeout)
+            gen = None
+            if held.get("seeded"):
+                gen = (await self.notify.wait("held_gen", rid, timeout)).get("gen")
+            sealed = SealedRequest(rid, [int(t) for t in held["tokens"]], int(held["num_prompt_tokens"]),
+                                   int(held["num_computed_tokens"]), int(held["num_blocks"]), gen)
+            return {"sealed": sealed.to_wire()}
+
+        try:
+            res = await self._first_of(polled, pushed if self.notify is not None else None, timeout,
+                                       "source did not seal the request", "stopping")
+        finally:
+            if self.notify is not None:
+                self.notify.discard("held", rid)
+                self.notify.discard("held_gen", rid)
+        return res["sealed"]
+
+    async def _first_of(self, polled, pushed, timeout: float, error: str, stage: str) -> dict:
+        """Whichever answers first: the engine's push (`pushed`) or the `polled`
+        fallback, which starts a little later so that pushes normally win."""
+        async def late_poll() -> dict:
+            if pushed is not None:
+                await asyncio.sleep(0.1)
+            return await polled()
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        pending = {asyncio.ensure_future(late_poll())}
+        if pushed is not None:
+            pending.add(asyncio.ensure_future(pushed()))
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, timeout=max(0.0, deadline - loop.time()),
+                                                   return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    break
+                for t in done:
+                    if t.exception() is None:
+                        return t.result()
+            raise MigrationAborted(error, stage)
+        finally:
+            for t in pending:
+                t.cancel()
 
     async def rpc_release(self, conn: Connection, rid: str) -> bool:
         return bool(await self.rt.rpc("llumigrate_release", rid))

@@ -37,6 +37,8 @@ class MigrationResult:
     started_at: float = 0.0      # monotonic clock
     stopped_at: float | None = None
     phase_s: dict[str, float] = field(default_factory=dict)   # seconds spent per state
+    # Seconds from the last source token to each downtime milestone (see Coordinator).
+    downtime_marks: dict[str, float] = field(default_factory=dict)
     history: list[str] = field(default_factory=list)
 
     @property
@@ -54,6 +56,8 @@ class Coordinator:
         self.sealed: SealedRequest | None = None
         self.old_rid = req.engine_rid
         self.new_rid = f"{req.request_id}#{req.hop + 1}"
+        self._marks: dict[str, float] = {}
+        self._last_src_token_at: float | None = None
 
     async def run(self) -> MigrationResult:
         t0 = self.result.started_at = time.monotonic()
@@ -75,6 +79,9 @@ class Coordinator:
         r.stages, r.total_s = self.m.stages_done, time.monotonic() - t0
         r.history = [s.value for s in self.m.history] + [self.m.state.value]
         return r
+
+    def _mark(self, name: str) -> None:
+        self._marks[name] = time.monotonic()
 
     async def _timed(self, name: str, coro) -> None:
         t = time.monotonic()
@@ -124,6 +131,7 @@ class Coordinator:
     async def _stop(self) -> None:
         req = self.req
         self.result.stopped_at = time.monotonic()
+        self._mark("stop_sent")
         res = await self.src.call("stop", rpc_timeout=self.m.timeout_for() + 2, rid=self.old_rid,
                                   timeout=self.m.timeout_for())
         if "finished" in res:  # it finished on the source before the stop landed
@@ -131,6 +139,7 @@ class Coordinator:
             return
         self.sealed = s = SealedRequest.from_wire(res["sealed"])
         self._last_src_token_at = req.last_token_at
+        self._mark("sealed")
         recovered = s.tokens[len(req.all_token_ids):]
         assert s.tokens[: len(req.all_token_ids)] == req.all_token_ids[: len(s.tokens)], \
             "sealed tokens diverge from the delivered stream"
@@ -149,11 +158,13 @@ class Coordinator:
             raise MigrationAborted("client aborted the request", "committing")
         n_before = len(req.output_token_ids)
         self.on_hop(req, self.dst, req.hop + 1)  # route the new hop's events from here on
+        self._mark("commit_sent")
         await self.dst.call("generate", rpc_timeout=self.m.timeout_for(), rid=self.new_rid,
                             prompt_token_ids=s.tokens, sampling=sampling, priority=req.priority,
                             load=None if self.config.recompute else
                             self._load(self.old_rid, s.num_kv_tokens, final=True),
                             generator_state=s.generator_state)
+        self._mark("commit_acked")
         if self.config.recompute:  # nothing will pull the held blocks
             await self.src.call("release", rpc_timeout=5, rid=self.old_rid)
         if req.abort_requested:  # aborted while the hop was being created
@@ -165,6 +176,9 @@ class Coordinator:
                                    "committing")
         if req.last_token_at is not None and self._last_src_token_at is not None:
             self.result.downtime_s = req.last_token_at - self._last_src_token_at
+            self._marks["first_token"] = req.last_token_at
+            self.result.downtime_marks = {k: round(t - self._last_src_token_at, 6)
+                                          for k, t in self._marks.items()}
         self.m.on_committed()
 
     async def _release(self) -> None:

@@ -32,7 +32,7 @@ class LlumigrateConnector(KVConnectorBase_V1):
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:
-            self._scheduler = SchedulerSide(block_size)
+            self._scheduler = SchedulerSide(block_size, extra)
         else:
             self._worker = WorkerSide(block_size, extra)
 
@@ -72,7 +72,14 @@ class LlumigrateConnector(KVConnectorBase_V1):
         self._worker.bind(connector_metadata)
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
-        return None  # loads were queued by bind(); they run on a background thread
+        # Async loads were queued by bind() and run on a background thread;
+        # sync loads (small final tails) feed this step's forward: run them now.
+        assert self._worker is not None
+        self._worker.run_sync_loads()
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        assert self._worker is not None
+        return self._worker.take_load_error_blocks()
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return None

@@ -18,6 +18,7 @@ class LoadJob:
     spec: LoadSpec
     start_block: int
     dest_block_ids: list[int]
+    sync: bool = False   # run in start_load_kv, before this step's forward
 
 
 @dataclass

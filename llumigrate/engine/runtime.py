@@ -87,7 +87,8 @@ class _LoadLogger(StatLoggerBase):
 
 
 def parse_engine_args(model: str, engine_argv: list[str], *, kv_host: str = "127.0.0.1",
-                      kv_token: str | None = None, kv_transport: str = "auto") -> AsyncEngineArgs:
+                      kv_token: str | None = None, kv_transport: str = "auto",
+                      notify_path: str | None = None) -> AsyncEngineArgs:
     """vLLM engine args from `vllm serve`-style argv, plus llumigrate's hooks."""
     parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser(prog="llumigrate-engine"))
     ns = parser.parse_args(["--model", model, *engine_argv])
@@ -101,6 +102,8 @@ def parse_engine_args(model: str, engine_argv: list[str], *, kv_host: str = "127
     extra = {"kv_host": kv_host, "kv_transport": kv_transport}
     if kv_token:
         extra["kv_token"] = kv_token
+    if notify_path:
+        extra["notify_path"] = notify_path
     return dataclasses.replace(
         args,
         enable_prefix_caching=True,

@@ -12,16 +12,25 @@ from __future__ import annotations
 from typing import Any
 
 from llumigrate.engine.meta import HeldRequest, LoadJob, SchedulerMeta, WorkerMeta
+from llumigrate.engine.notify import Notifier
 from llumigrate.engine.params import PARAMS_KEY, RequestTag
-from llumigrate.engine.vllm_compat import is_aborted, yield_req_data
+from llumigrate.engine.vllm_compat import is_aborted, is_seeded, yield_req_data
+
+# A final load of at most this many blocks runs synchronously, inside the step
+# that computes the request's first token on the destination (one engine step
+# less downtime than an async load); larger ones load in the background.
+SYNC_LOAD_MAX_BLOCKS = 8
 
 
 class SchedulerSide:
-    def __init__(self, block_size: int) -> None:
+    def __init__(self, block_size: int, extra: dict[str, Any] | None = None) -> None:
+        extra = extra or {}
         self.block_size = block_size
+        self.sync_load_max_blocks = int(extra.get("sync_load_max_blocks", SYNC_LOAD_MAX_BLOCKS))
+        self.notifier = Notifier(extra.get("notify_path"))
         self._keys: dict[str, str] = {}          # req_id -> key, live requests
         self._tags: dict[str, RequestTag] = {}   # req_id -> tag with load or generator state
-        self._matched: dict[str, tuple[int, int]] = {}   # req_id -> (local hit, external)
+        self._matched: dict[str, tuple[int, int, bool]] = {}  # req_id -> (local hit, external, sync)
         self._loads: dict[str, tuple[int, int]] = {}     # req_id -> (local hit, loaded)
         self._failed: set[str] = set()
         self._tracked: set[str] = set()          # keys held on abort
@@ -48,14 +57,15 @@ class SchedulerSide:
         if n <= 0:
             self._loads[request.request_id] = (num_computed_tokens, 0)
             return 0, False
-        self._matched[request.request_id] = (num_computed_tokens, n)
-        return n, True
+        sync = tag.load.final and -(-n // self.block_size) <= self.sync_load_max_blocks
+        self._matched[request.request_id] = (num_computed_tokens, n, sync)
+        return n, not sync
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         matched = self._matched.pop(request.request_id, None)
         if num_external_tokens == 0 or matched is None:
             return
-        local, n = matched
+        local, n, sync = matched
         assert n == num_external_tokens, (n, num_external_tokens)
         assert local % self.block_size == 0, "local prefix hits are block aligned"
         block_ids = blocks.get_block_ids()[0]
@@ -63,7 +73,8 @@ class SchedulerSide:
         end = -(-(local + n) // self.block_size)
         tag = self._tags[request.request_id]
         assert tag.load is not None
-        self._meta.loads.append(LoadJob(request.request_id, tag.load, start, list(block_ids[start:end])))
+        self._meta.loads.append(LoadJob(request.request_id, tag.load, start, list(block_ids[start:end]),
+                                        sync=sync))
         self._loads[request.request_id] = (local, n)
 
     # -- per step ------------------------------------------------------------
@@ -83,6 +94,8 @@ class SchedulerSide:
     def update_connector_output(self, output: Any) -> None:
         wm = output.kv_connector_worker_meta
         if isinstance(wm, WorkerMeta):
+            for key in wm.track - self._tracked:
+                self.notifier.send("tracked", key)
             self._tracked |= wm.track
             self._tracked -= wm.untrack
             self._failed |= wm.failed_loads
@@ -109,4 +122,7 @@ class SchedulerSide:
         held = HeldRequest(req_id, key, list(request.all_token_ids), request.num_prompt_tokens,
                            request.num_computed_tokens, list(block_ids))
         self._meta.held.append(held)
+        self.notifier.send("held", key, tokens=held.tokens, num_prompt_tokens=held.num_prompt_tokens,
+                           num_computed_tokens=held.num_computed_tokens,
+                           num_blocks=len(held.block_ids), seeded=is_seeded(request))
         return held.holds_blocks, params

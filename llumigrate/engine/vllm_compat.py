@@ -19,6 +19,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
     KVConnectorWorkerMetadata,
 )
+from vllm.sampling_params import SamplingType
 from vllm.v1.request import RequestStatus
 
 SUPPORTED_VLLM = ("0.32",)
@@ -26,7 +27,7 @@ SUPPORTED_VLLM = ("0.32",)
 __all__ = [
     "KVConnectorBase_V1", "KVConnectorMetadata", "KVConnectorRole", "KVConnectorWorkerMetadata",
     "get_kv_transfer_group", "has_kv_transfer_group", "yield_req_data", "check_version",
-    "is_aborted", "request_sampler_state",
+    "is_aborted", "is_seeded", "request_sampler_state",
 ]
 
 
@@ -41,6 +42,13 @@ def check_version() -> None:
 
 def is_aborted(request: Any) -> bool:
     return request.status == RequestStatus.FINISHED_ABORTED
+
+
+def is_seeded(request: Any) -> bool:
+    """True if the request samples with its own seeded generator (whose state
+    a migration must carry)."""
+    sp = getattr(request, "sampling_params", None)
+    return sp is not None and sp.sampling_type == SamplingType.RANDOM_SEED
 
 
 def request_sampler_state(model_runner: Any, req_id: str) -> Any | None:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from llumigrate.engine.meta import HeldRequest, LoadJob, SchedulerMeta, WorkerMeta
+from llumigrate.engine.notify import Notifier
 from llumigrate.engine.params import SealedRequest
 from llumigrate.engine.vllm_compat import request_sampler_state
 from llumigrate.errors import TransferError, TransferRefused
@@ -53,6 +54,9 @@ class WorkerSide:
         self.hold_lease_s = float(extra.get("hold_lease_s", 120.0))
         self.load_timeout_s = float(extra.get("load_timeout_s", 30.0))
         self.model_runner: Any = None
+        self.notifier = Notifier(extra.get("notify_path"))
+        self._sync_jobs: list[LoadJob] = []
+        self._load_error_blocks: set[int] = set()
         self._lock = threading.Condition()
         self._entries: dict[str, _Entry] = {}        # req_id -> live block table
         self._by_key: dict[str, str] = {}            # key -> req_id
@@ -103,15 +107,36 @@ class WorkerSide:
                     entry.epoch += 1
                 else:
                     entry.block_ids.extend(ids)
+            new_held = []
             for held in meta.held:
-                self._held[held.key] = _Held(held, self._generator_state_for(held),
-                                             time.monotonic() + self.hold_lease_s)
+                h = self._held[held.key] = _Held(held, self._generator_state_for(held),
+                                                  time.monotonic() + self.hold_lease_s)
+                new_held.append(h)
             self._snapshot_generators()
             self._lock.notify_all()
+        for h in new_held:
+            if h.generator_state is not None or h.req.key in self._snapshots:
+                self.notifier.send("held_gen", h.req.key, gen=h.generator_state)
         for req_id, state in meta.generator_states.items():
             self._install_generator_state(req_id, state)
         for job in meta.loads:
-            self._pool.submit(self._run_load, job)
+            if job.sync:
+                self._sync_jobs.append(job)
+            else:
+                self._pool.submit(self._run_load, job)
+
+    def run_sync_loads(self) -> None:
+        """Run this step's synchronous loads (small final tails) before the
+        forward that needs them. A failed one marks its blocks as load errors,
+        which vLLM turns into a failed request (policy `fail`)."""
+        jobs, self._sync_jobs = self._sync_jobs, []
+        for job in jobs:
+            if not self._load(job):
+                self._load_error_blocks.update(job.dest_block_ids)
+
+    def take_load_error_blocks(self) -> set[int]:
+        errors, self._load_error_blocks = self._load_error_blocks, set()
+        return errors
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str], set[str]]:
         """(finished sending, finished receiving, failed receiving)."""
@@ -208,6 +233,15 @@ class WorkerSide:
 
     # -- loads (background thread) ---------------------------------------------
     def _run_load(self, job: LoadJob) -> None:
+        ok = self._load(job)
+        with self._lock:
+            if ok:
+                self._loads_done.add(job.req_id)
+            else:
+                self._loads_failed.add(job.req_id)
+
+    def _load(self, job: LoadJob) -> bool:
+        """Pull one job's blocks into this engine's blocks; False on failure."""
         ok = False
         try:
             assert self.client is not None
@@ -224,10 +258,9 @@ class WorkerSide:
             self.stats["loads"] += 1
             if ok:
                 self.stats["blocks_loaded"] += len(job.dest_block_ids)
-                self._loads_done.add(job.req_id)
             else:
                 self.stats["loads_failed"] += 1
-                self._loads_failed.add(job.req_id)
+        return ok
 
     # -- sampler state -----------------------------------------------------------
     def _snapshot_generators(self) -> None:
