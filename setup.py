@@ -1,8 +1,9 @@
 """Build llumigrate and its extension `llumigrate._C`.
 
-CPU sources in csrc/ are always built. CUDA sources (csrc/cuda/*.cu) are added
-only when torch was built with CUDA and nvcc is found (or when
-LLUMIGRATE_FORCE_CUDA=1). Install with `pip install --no-build-isolation -e .`
+CPU sources in csrc/ are always built. CUDA sources (csrc/cuda/: the kernels in
+*.cu, which need only the CUDA runtime, and the torch bindings in *.cpp) are
+added only when torch was built with CUDA and nvcc is found (or when
+LLUMIGRATE_FORCE_CUDA=1); the architectures follow TORCH_CUDA_ARCH_LIST. Install with `pip install --no-build-isolation -e .`
 so the build uses the venv's torch instead of downloading another one.
 """
 
@@ -27,12 +28,12 @@ def _extensions():
     sources = sorted(glob.glob("csrc/*.cpp"))
     cxx = ["-O3", "-std=c++17", "-fopenmp"]
     if _want_cuda():
-        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
         return [
             cpp_extension.CUDAExtension(
                 "llumigrate._C",
                 sources,
-                extra_compile_args={"cxx": cxx + ["-DLLUMIGRATE_WITH_CUDA"], "nvcc": ["-O3"]},
+                extra_compile_args={"cxx": cxx + ["-DLLUMIGRATE_WITH_CUDA"], "nvcc": ["-O3", "-std=c++17"]},
                 extra_link_args=["-fopenmp"],
             )
         ]

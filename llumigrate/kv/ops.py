@@ -2,7 +2,11 @@
 
 Importing this module loads `llumigrate._C`, which registers
 `torch.ops.llumigrate.gather_blocks` / `scatter_blocks` (csrc/kv_ops.cpp has
-the layout contract) and `pvm_read_blocks` (csrc/pvm_ops.cpp).
+the layout contract) and `pvm_read_blocks` (csrc/pvm_ops.cpp). In a CUDA build
+the first two also run on CUDA layers (csrc/cuda/kv_ops_cuda.cpp: one kernel
+launch per call on the current stream; a block may also be [parts, ...] with
+the parts strided, e.g. vLLM's [2, num_blocks, ...] caches seen through
+`.transpose(0, 1)`), and `copy_blocks` copies from a peer's IPC-mapped layers.
 
 Threads: torch.ops releases the GIL around the C++ kernel (measured by
 tests/test_kv_ops.py::test_op_releases_the_gil), so a transfer thread copying
@@ -41,12 +45,13 @@ def gather_blocks(layers: Sequence[torch.Tensor], block_ids: BlockIds, out: torc
 
     `out` (allocated as [n, L, *block_shape] of the layers' dtype when None)
     may have any dtype and shape if contiguous with n * L * block_bytes bytes.
-    num_threads: 1 copies on the calling thread, 0 uses at::get_num_threads().
+    CUDA layers: `out` on their device (asynchronous, current stream) or on
+    the CPU (synchronous). num_threads (CPU only): 1 copies on the calling thread, 0 uses at::get_num_threads().
     Raises RuntimeError on any layout, range or size violation.
     """
     ids = as_block_ids(block_ids)
     if out is None:
-        out = torch.empty(gathered_shape(layers, ids.numel()), dtype=layers[0].dtype)
+        out = torch.empty(gathered_shape(layers, ids.numel()), dtype=layers[0].dtype, device=layers[0].device)
     torch.ops.llumigrate.gather_blocks(list(layers), ids, out, num_threads)
     return out
 
@@ -68,6 +73,34 @@ def read_remote_blocks(pid: int, remote_bases: Sequence[int], remote_ids: BlockI
     e.g. without ptrace rights over `pid` or for an unmapped address."""
     torch.ops.llumigrate.pvm_read_blocks(pid, list(remote_bases), as_block_ids(remote_ids),
                                          as_block_ids(local_ids), list(layers), num_threads)
+
+
+def has_cuda_ops() -> bool:
+    """True when this build of `llumigrate._C` has the CUDA kernels."""
+    return hasattr(torch.ops.llumigrate, "copy_blocks")
+
+
+def block_geometry(layers: Sequence[torch.Tensor]) -> tuple[int, int, int]:
+    """(num_blocks, block_stride, part_stride) of `layers` in bytes, what a
+    peer's `copy_blocks` needs to address them (part_stride: between the
+    parts of a [num_blocks, parts, ...] block that is not contiguous)."""
+    t = layers[0]
+    es = t.element_size()
+    block = torch.empty_strided(t.shape[1:], t.stride()[1:], device="meta")
+    part_stride = block.numel() * es if t.dim() < 2 or block.is_contiguous() else t.stride(1) * es
+    return int(t.shape[0]), t.stride(0) * es, part_stride
+
+
+def copy_blocks(src_bases: Sequence[int], src_geometry: tuple[int, int, int], src_ids: BlockIds,
+                dst_ids: BlockIds, layers: Sequence[torch.Tensor]) -> None:
+    """CUDA only: copy blocks `src_ids` of the layers at `src_bases` (block 0
+    of each, e.g. a peer's cache mapped with CUDA IPC; `src_geometry` from
+    the peer's `block_geometry`, same layout otherwise) into blocks `dst_ids`
+    of `layers`, with one kernel on the current stream (asynchronous).
+    Raises RuntimeError on a layout or range violation."""
+    num_blocks, block_stride, part_stride = src_geometry
+    torch.ops.llumigrate.copy_blocks(list(src_bases), num_blocks, block_stride, part_stride,
+                                     as_block_ids(src_ids), as_block_ids(dst_ids), list(layers))
 
 
 def layer_addresses(layers: Sequence[torch.Tensor]) -> list[int]:
@@ -116,6 +149,13 @@ def _scatter_blocks_fake(src: torch.Tensor, block_ids: torch.Tensor, layers: lis
 def _pvm_read_blocks_fake(pid: int, remote_bases: list[int], remote_ids: torch.Tensor, local_ids: torch.Tensor,
                           layers: list[torch.Tensor], num_threads: int) -> None:
     torch._check(remote_ids.numel() == local_ids.numel(), lambda: "remote and local id counts differ")
+
+
+if has_cuda_ops():
+    @torch.library.register_fake("llumigrate::copy_blocks")
+    def _copy_blocks_fake(src_bases: list[int], src_num_blocks: int, src_block_stride: int, src_part_stride: int,
+                          src_ids: torch.Tensor, dst_ids: torch.Tensor, layers: list[torch.Tensor]) -> None:
+        torch._check(src_ids.numel() == dst_ids.numel(), lambda: "source and destination id counts differ")
 
 
 def _check_fake_bytes(layers: list[torch.Tensor], block_ids: torch.Tensor, buf: torch.Tensor,
