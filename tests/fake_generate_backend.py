@@ -1,0 +1,103 @@
+"""A `GenerateBackend` without engines, for frontend tests.
+
+Each request's output comes from a token source (a list cycled, by default
+the tiny tokenizer's encoding of `DEFAULT_TEXT`), cut like an engine would:
+at `max_tokens` ("length"), at EOS unless `ignore_eos` or at a stop token id
+("stop"), never before `min_tokens`. Tokens are delivered through the
+controller's real `RequestHandle` in deltas of `chunk_sizes` (cycled), and
+the handle's hop is bumped every `hop_every` tokens to mimic migrations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from dataclasses import dataclass, field
+
+from llumigrate.controller.request import RequestHandle
+from llumigrate.frontend.backend import GenerateBackend
+
+DEFAULT_TEXT = "The quick brown fox jumps over the lazy dog. café 🙂 naïve 中文 x = 42; "
+
+
+@dataclass
+class Submission:
+    prompt_token_ids: list[int]
+    sampling: dict
+    priority: int
+    request_id: str
+
+
+@dataclass
+class FakeConfig:
+    source: list[int] = field(default_factory=list)  # tokens to cycle; [] -> DEFAULT_TEXT
+    chunk_sizes: tuple[int, ...] = (1,)
+    hop_every: int = 0
+    delay_s: float = 0.0
+    fail_after: int | None = None  # finish with an error after this many tokens
+
+
+class FakeBackend(GenerateBackend):
+    def __init__(self, model_path: str, eos_token_id: int, model_name: str = "tiny",
+                 max_model_len: int = 512) -> None:
+        self.model_path, self.model_name, self.max_model_len = model_path, model_name, max_model_len
+        self.eos_token_id = eos_token_id
+        self.config = FakeConfig()
+        self.default_source: list[int] = []
+        self.is_healthy = True
+        self.submissions: list[Submission] = []
+        self.aborted: list[str] = []
+        self._tasks: dict[str, tuple[RequestHandle, asyncio.Task]] = {}
+
+    def healthy(self) -> bool:
+        return self.is_healthy
+
+    async def submit(self, prompt_token_ids: list[int], sampling: dict, *, priority: int = 0,
+                     request_id: str | None = None) -> RequestHandle:
+        rid = request_id or f"fake-{len(self.submissions)}"
+        self.submissions.append(Submission(list(prompt_token_ids), dict(sampling), priority, rid))
+        h = RequestHandle(rid, list(prompt_token_ids), dict(sampling), priority, "i0")
+        task = asyncio.get_running_loop().create_task(self._run(h, self.config))
+        self._tasks[rid] = (h, task)
+        return h
+
+    async def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+        entry = self._tasks.get(request_id)
+        if entry is not None and not entry[0].finished:
+            entry[1].cancel()
+            entry[0].finish("abort")
+
+    def outputs(self, sampling: dict) -> tuple[list[int], str, int | None]:
+        """What an engine would generate: tokens, finish reason, stop reason."""
+        source = itertools.cycle(self.config.source or self.default_source)
+        stop_ids = set(sampling.get("stop_token_ids") or ())
+        out: list[int] = []
+        for token in source:
+            out.append(token)
+            if len(out) >= sampling.get("min_tokens", 0):
+                if token in stop_ids:
+                    return out, "stop", token
+                if token == self.eos_token_id and not sampling.get("ignore_eos"):
+                    return out, "stop", None
+            if len(out) >= sampling["max_tokens"]:
+                return out, "length", None
+        raise AssertionError("unreachable")
+
+    async def _run(self, h: RequestHandle, cfg: FakeConfig) -> None:
+        tokens, reason, stop_reason = self.outputs(h.sampling)
+        sizes = itertools.cycle(cfg.chunk_sizes)
+        pos = 0
+        while pos < len(tokens):
+            if cfg.fail_after is not None and pos >= cfg.fail_after:
+                h.finish("error", error="instance lost")
+                return
+            if cfg.delay_s:
+                await asyncio.sleep(cfg.delay_s)
+            step = tokens[pos:pos + next(sizes)]
+            pos += len(step)
+            h.append(step)
+            if cfg.hop_every and pos // cfg.hop_every > h.hop:
+                h.hop += 1
+                await asyncio.sleep(0)  # a migration boundary: let the consumer run
+        h.finish(reason, stop_reason)
