@@ -11,7 +11,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from fake_backend import call, serving, wait_until
+from fake_control_backend import call, serving, wait_until
 
 from llumigrate.control import codegen
 from llumigrate.control.events import DISPATCH, DRAIN, MIGRATION_DONE, MIGRATION_STAGE, Event, EventBus

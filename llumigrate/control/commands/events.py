@@ -1,5 +1,4 @@
-"""Print events as they happen: dispatches, migration stages and outcomes,
-instances up, down and drained."""
+"""Print events as they happen: dispatches, migrations, instances up, down, drained."""
 
 from __future__ import annotations
 
