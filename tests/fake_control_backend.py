@@ -1,5 +1,6 @@
-"""`FakeBackend`: a pure-Python ControlBackend for the control API tests, and
-`make_*` helpers to serve it on a background loop."""
+"""`FakeBackend`: a pure-Python ControlBackend for the control API tests;
+`serving` runs a real server over it on a background loop; `call` runs one
+client action; `make_self_signed` writes a TLS certificate."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
+from pathlib import Path
 from typing import TypeVar
 
+import pytest
 from conftest import LoopThread
 
 from llumigrate.control.client import ControlClient
@@ -195,3 +198,25 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)
+
+
+def make_self_signed(folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost, as (cert.pem, key.pem)."""
+    x509 = pytest.importorskip("cryptography.x509")
+    import datetime
+
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                       serialization.NoEncryption()))
+    return folder / "cert.pem", folder / "key.pem"

@@ -7,11 +7,10 @@ import asyncio
 import logging
 import math
 import threading
-from pathlib import Path
 
 import grpc
 import pytest
-from fake_control_backend import call, serving, wait_until
+from fake_control_backend import call, make_self_signed, serving, wait_until
 
 from llumigrate.control import codegen
 from llumigrate.control.events import DISPATCH, DRAIN, MIGRATION_DONE, MIGRATION_STAGE, Event, EventBus
@@ -278,30 +277,9 @@ def test_tls_with_token(loop, tmp_path):
         assert code == Code.UNAVAILABLE
 
 
-def make_self_signed(folder: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for localhost, as (cert.pem, key.pem)."""
-    x509 = pytest.importorskip("cryptography.x509")
-    import datetime
-
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (folder / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                       serialization.NoEncryption()))
-    return folder / "cert.pem", folder / "key.pem"
-
-
 # -- generated code --------------------------------------------------------------------
 def test_generated_code_matches_the_proto(tmp_path):
+    pytest.importorskip("grpc_tools")  # scripts/bootstrap.sh installs it
     codegen.generate(tmp_path)
     for name in codegen.FILES:
         fresh = codegen.normalized((tmp_path / name).read_text())
