@@ -29,7 +29,7 @@ class MigrationCostModel:
 
     prior_fixed_s: float = 0.05
     prior_per_token_s: float = 2e-5
-    prior_weight: float = 2.0
+    prior_weight: float = 1.0
     prior_ref_tokens: int = 2048     # where the prior's second pseudo-point sits
     decay: float = 0.98
     stats: _Stats = (0.0, 0.0, 0.0, 0.0, 0.0)

@@ -54,7 +54,7 @@ def apply_plan(snapshot: ClusterSnapshot, plan: MigrationPlan) -> ClusterSnapsho
     src = replace(src.without_request(req), migrations_out=src.migrations_out + 1)
     dst = replace(dst.with_running(replace(req, migrating=True)),
                   migrations_in=dst.migrations_in + 1)
-    return snapshot.replace(src, dst)
+    return snapshot.with_instances(src, dst)
 
 
 def can_send(inst: InstanceSnapshot, cfg: SchedulerConfig) -> bool:

@@ -4,7 +4,7 @@ The scheduler shell builds one `ClusterSnapshot` from the latest load report
 of each instance plus the controller's own request table; policies never see
 anything else. Snapshots are frozen: "what if" questions (a dispatch not yet
 reported, a planned migration) are answered by building a new snapshot with
-`with_waiting`, `without_request` / `with_running` or `ClusterSnapshot.replace`.
+`with_waiting`, `without_request` / `with_running` or `ClusterSnapshot.with_instances`.
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ class ClusterSnapshot:
         for inst in self.instances:
             yield from inst.requests
 
-    def replace(self, *updated: InstanceSnapshot) -> ClusterSnapshot:
+    def with_instances(self, *updated: InstanceSnapshot) -> ClusterSnapshot:
         """A snapshot with those instances (matched by id) swapped in."""
         new = list(self.instances)
         for inst in updated:
@@ -166,4 +166,4 @@ class ClusterSnapshot:
         The shell applies every dispatch to its snapshot until the instance's
         next report supersedes it, so a burst of requests between two reports
         spreads instead of piling onto the instance that looked freest."""
-        return self.replace(self[instance_id].with_waiting(req))
+        return self.with_instances(self[instance_id].with_waiting(req))

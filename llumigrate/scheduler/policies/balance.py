@@ -16,7 +16,7 @@ from __future__ import annotations
 from llumigrate.scheduler.load import freeness
 from llumigrate.scheduler.plan import MigrationPlan, PlanContext, apply_plan, can_receive, can_send, may_go
 from llumigrate.scheduler.policies.common import candidates, pick
-from llumigrate.scheduler.snapshot import ClusterSnapshot, RequestSnapshot
+from llumigrate.scheduler.snapshot import ClusterSnapshot, InstanceSnapshot, RequestSnapshot
 
 
 def balance(snapshot: ClusterSnapshot, ctx: PlanContext) -> list[MigrationPlan]:
@@ -48,7 +48,7 @@ def _balance_pair(snapshot: ClusterSnapshot, src_id: str, dst_id: str,
                    if may_go(r, dst, ctx, snapshot.now, "balance") and _improves(snapshot, r, dst_id, ctx)]
         if not options:
             return plans
-        req, _ = pick(options, lambda r, d: _lifts_source(snapshot, r, ctx))
+        req, _ = pick(options, ctx, lambda rs: _lifts_source(src, rs, ctx))
         plans.append(ctx.plan(req, dst_id, "balance"))
         snapshot = apply_plan(snapshot, plans[-1])
 
@@ -62,6 +62,8 @@ def _improves(snapshot: ClusterSnapshot, req: RequestSnapshot, dst_id: str, ctx:
     return dst_free >= cfg.migrate_out_threshold and dst_free >= freeness(src_after, cfg)
 
 
-def _lifts_source(snapshot: ClusterSnapshot, req: RequestSnapshot, ctx: PlanContext) -> bool:
-    after = snapshot[req.instance_id].without_request(req)
-    return freeness(after, ctx.cfg) >= ctx.cfg.migrate_out_threshold
+def _lifts_source(src: InstanceSnapshot, reqs: list[RequestSnapshot], ctx: PlanContext) -> bool:
+    """Whether the source is no longer below the threshold once `reqs` left."""
+    for req in reqs:
+        src = src.without_request(req)
+    return freeness(src, ctx.cfg) >= ctx.cfg.migrate_out_threshold

@@ -4,11 +4,12 @@ to send one, and freeing a number of blocks on one instance."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 from llumigrate.scheduler.load import freeness, spare_blocks
 from llumigrate.scheduler.plan import (MigrationPlan, PlanContext, Reason, apply_plan, can_send,
                                        may_go, movable)
-from llumigrate.scheduler.snapshot import ClusterSnapshot, InstanceSnapshot, RequestSnapshot
+from llumigrate.scheduler.snapshot import ClusterSnapshot, InstanceSnapshot, RequestSnapshot, blocks_for
 
 # (destination before, destination after the move) -> acceptable
 DestinationCheck = Callable[[InstanceSnapshot, InstanceSnapshot], bool]
@@ -54,30 +55,55 @@ def keeps_room(ctx: PlanContext, req: RequestSnapshot) -> DestinationCheck:
     return check
 
 
-def pick(options: list[tuple[RequestSnapshot, str]],
-         enough: Callable[[RequestSnapshot, str], bool]) -> tuple[RequestSnapshot, str]:
-    """From (request, destination) options in `cheapest_first` order: among
-    those of the lowest priority, the first that is `enough` alone, else the
-    first (the cheapest). Never a higher priority while a lower one remains."""
+def pick(options: list[tuple[RequestSnapshot, str]], ctx: PlanContext,
+         enough: Callable[[list[RequestSnapshot]], bool]) -> tuple[RequestSnapshot, str]:
+    """The next move among (request, destination) options in `cheapest_first`
+    order, on measured cost. Only the lowest priority present is considered.
+    `enough(reqs)` says whether moving all of `reqs` fixes the problem. The
+    cheapest single request that is enough alone wins if it costs no more than
+    the cheapest-first run that is enough (with a high fixed cost per
+    migration, one larger move beats several small ones); else the cheapest."""
     level = [o for o in options if o[0].priority == options[0][0].priority]
-    return next((o for o in level if enough(*o)), level[0])
+    single = next((o for o in level if enough([o[0]])), None)
+    if single is None:
+        return level[0]
+    run: list[RequestSnapshot] = []
+    for req, _ in level:
+        run.append(req)
+        if enough(run):
+            break
+    run_cost = sum(ctx.cost.cost(r) for r in run) if enough(run) else float("inf")
+    return single if ctx.cost.cost(single[0]) <= run_cost else level[0]
 
 
 def make_room(snapshot: ClusterSnapshot, instance_id: str, need: int, ctx: PlanContext,
               reason: Reason, accept: Callable[[RequestSnapshot], bool] = lambda r: True,
               ) -> list[MigrationPlan]:
     """Plans freeing `need` blocks on `instance_id` by moving its requests
-    where `keeps_room` holds. Prefers the cheapest single request that frees
-    enough, else the cheapest one, and repeats. Plans nothing when all
-    movable requests together could not free `need`."""
+    where `keeps_room` holds, chosen by `pick`, within the concurrency limits
+    (the rest is for later rounds). Plans nothing unless the moves, limits
+    aside, would free all of `need`: partial room does not start the request."""
+    unlimited = replace(ctx, cfg=replace(ctx.cfg, max_migrations_out=_NO_LIMIT, max_migrations_in=_NO_LIMIT))
+    dry_run = _free_blocks(snapshot, instance_id, need, unlimited, reason, accept)
+    freed = sum(blocks_for(p.num_tokens, snapshot[instance_id].block_size) for p in dry_run)
+    if freed < need:
+        return []
+    return _free_blocks(snapshot, instance_id, need, ctx, reason, accept)
+
+
+_NO_LIMIT = 1 << 30
+
+
+def _free_blocks(snapshot: ClusterSnapshot, instance_id: str, need: int, ctx: PlanContext,
+                 reason: Reason, accept: Callable[[RequestSnapshot], bool]) -> list[MigrationPlan]:
     plans: list[MigrationPlan] = []
     while need > 0 and can_send(snapshot[instance_id], ctx.cfg):
         src = snapshot[instance_id]
         options = [(r, d) for r in candidates(src, ctx, snapshot.now, reason, accept)
                    if (d := best_destination(snapshot, r, ctx, reason, keeps_room(ctx, r)))]
-        if not options or (not plans and sum(r.blocks(src.block_size) for r, _ in options) < need):
+        if not options:
             break
-        req, dst = pick(options, lambda r, _: r.blocks(src.block_size) >= need)
+        req, dst = pick(options, ctx, lambda rs: sum(r.blocks(src.block_size) for r in rs) >= need)
         plans.append(ctx.plan(req, dst, reason))
         snapshot = apply_plan(snapshot, plans[-1])
         need -= req.blocks(src.block_size)

@@ -1,0 +1,229 @@
+"""Migration policies over hand-built snapshots: balance (thresholds,
+hysteresis, anti-ping-pong), defrag, priority headroom, drain, and the
+per-instance concurrency limits."""
+
+from __future__ import annotations
+
+import pytest
+from test_scheduler_factories import NOW, make_cluster, make_config, make_instance, make_request
+
+from llumigrate.scheduler import MigrationCostModel, MigrationHistory, apply_plan, plan_migrations
+from llumigrate.scheduler.plan import PlanContext
+from llumigrate.scheduler.policies import balance, defrag, drain, make_headroom
+
+HIGH = 5
+WIDE = {"max_migrations_out": 4, "max_migrations_in": 4}
+
+
+def ctx(history: MigrationHistory | None = None, cost: MigrationCostModel | None = None, **kw) -> PlanContext:
+    return PlanContext(make_config(**kw), history or MigrationHistory(), cost or MigrationCostModel())
+
+
+def moves(plans) -> list[tuple[str, str, str]]:
+    return [(p.request_id, p.source, p.destination) for p in plans]
+
+
+def overloaded(iid: str = "i0", n: int = 10, **kw):
+    """n running requests of 8-9 blocks (r{k}: 128 + k tokens) and a queue of
+    4 blocks: freeness (100 - 80..90 - 4) / n, below 1."""
+    reqs = [make_request(f"{iid}r{k}", prompt=128, output=k) for k in range(n)]
+    return make_instance(iid, *reqs, waiting_blocks=4, **kw)
+
+
+# -- balance ---------------------------------------------------------------------------
+def test_balance_moves_the_cheapest_request_until_the_source_is_fixed():
+    plans = balance(make_cluster(overloaded(), make_instance("i1")), ctx(**WIDE))
+    assert moves(plans) == [("i0r0", "i0", "i1")]  # the shortest; one move lifts i0 over 1.0
+    assert plans[0].reason == "balance" and plans[0].est_cost_s > 0
+
+
+@pytest.mark.parametrize("i0_free, i1_free", [(15, 100), (5, 50)])
+def test_balance_plans_nothing_within_the_hysteresis_gap(i0_free, i1_free):
+    # i0 is a source only below 1.0, i1 a destination only above 4.0
+    i0 = make_instance("i0", *(make_request(f"a{k}") for k in range(10)), free=i0_free)  # 1.5 / 0.5
+    i1 = make_instance("i1", *(make_request(f"b{k}") for k in range(13)), free=i1_free)  # 7.7 / 3.8
+    assert balance(make_cluster(i0, i1), ctx(**WIDE)) == []
+
+
+def test_balanced_cluster_plans_nothing():
+    i0 = make_instance("i0", *(make_request(f"a{k}") for k in range(10)), free=15)  # 1.5
+    i1 = make_instance("i1", *(make_request(f"b{k}") for k in range(10)), free=38)  # 3.8
+    assert plan_migrations(make_cluster(i0, i1), make_config(**WIDE)) == []
+
+
+def test_balance_never_inverts_the_imbalance():
+    big = make_request("big", prompt=90 * 16, output=0)  # 90 blocks
+    i0 = make_instance("i0", big, waiting_blocks=10)      # freeness 0
+    i1 = make_instance("i1", make_request("s", prompt=64, output=0), free=95)
+    # moving `big` would leave i1 at 2.5 and i0 at 90: refused
+    assert balance(make_cluster(i0, i1), ctx(**WIDE)) == []
+
+
+def test_balance_pairs_most_loaded_with_freest_up_to_the_limit():
+    snap = make_cluster(overloaded("i0", n=10), overloaded("i1", n=11), make_instance("i2", free=60),
+                        make_instance("i3", free=90))
+    assert {(p.source, p.destination) for p in balance(snap, ctx())} == {("i1", "i3"), ("i0", "i2")}
+    assert {(p.source, p.destination) for p in balance(snap, ctx(max_balance_pairs=1))} == {("i1", "i3")}
+
+
+def test_balance_moves_low_priority_before_high():
+    vip = make_request("vip", prompt=128, output=0, priority=HIGH)   # cheapest, but high priority
+    reqs = [make_request(f"n{k}", prompt=128, output=5 + k) for k in range(9)]
+    snap = make_cluster(make_instance("i0", vip, *reqs, waiting_blocks=4), make_instance("i1"))
+    assert moves(balance(snap, ctx(high_priority_threshold=HIGH)))[0][0] == "n0"
+
+
+def test_no_ping_pong_after_a_migration():
+    """i0 -> i1 just happened for r; now i1 looks overloaded and i0 free."""
+    r = make_request("r", prompt=128, output=0)
+    others = [make_request(f"o{k}", prompt=128, output=1 + k) for k in range(9)]
+    snap = make_cluster(make_instance("i0"), make_instance("i1", r, *others, waiting_blocks=4))
+    hist = MigrationHistory().record("r", "i0", "i1", at=NOW - 1)
+    cooling = balance(snap, ctx(hist, cooldown_s=10, no_return_s=60))
+    assert "r" not in [p.request_id for p in cooling] and moves(cooling)[0][0] == "o0"
+    only_r = make_cluster(make_instance("i0"), make_instance("i1", r, waiting_blocks=95))
+    for at in (NOW - 1, NOW - 30):  # cooling down, then past cooldown but it would go straight back
+        assert balance(only_r, ctx(MigrationHistory().record("r", "i0", "i1", at=at))) == []
+    assert moves(balance(only_r, ctx(MigrationHistory().record("r", "i0", "i1", at=NOW - 61)))) == \
+        [("r", "i1", "i0")]
+
+
+def test_balance_after_its_own_plan_plans_nothing_more():
+    snap = make_cluster(overloaded(), make_instance("i1"))
+    cfg = make_config(**WIDE)
+    plans = plan_migrations(snap, cfg)
+    after = apply_plan(snap, plans[0])
+    hist = MigrationHistory().record(plans[0].request_id, "i0", "i1", NOW)
+    assert plan_migrations(after, cfg, hist) == []
+
+
+# -- requests that are never moved -------------------------------------------------------
+@pytest.mark.parametrize("flag", [{"migrating": True}, {"migratable": False}, {"status": "waiting"},
+                                  {"max_tokens": 20}])  # 20 - 16 generated: 4 left < 8
+def test_unmovable_requests_are_skipped(flag):
+    reqs = [make_request(f"r{k}", prompt=128, output=16, **flag) for k in range(10)]
+    snap = make_cluster(make_instance("i0", *reqs, free=5, num_running=10), make_instance("i1"))
+    assert plan_migrations(snap, make_config(**WIDE)) == []
+
+
+# -- concurrency limits ---------------------------------------------------------------------
+def test_source_at_its_limit_sends_nothing():
+    snap = make_cluster(overloaded(migrations_out=1), make_instance("i1"))
+    assert plan_migrations(snap, make_config()) == []
+    assert len(plan_migrations(snap, make_config(max_migrations_out=2))) == 1
+
+
+def test_destination_at_its_limit_receives_nothing():
+    snap = make_cluster(overloaded(), make_instance("i1", migrations_in=1), make_instance("i2", free=50))
+    assert {p.destination for p in plan_migrations(snap, make_config())} == {"i2"}
+
+
+def test_limits_hold_across_policies():
+    """Drain takes i2's only incoming slot; balance then has no destination."""
+    draining = make_instance("i0", make_request("d"), draining=True)
+    snap = make_cluster(draining, overloaded("i1"), make_instance("i2"))
+    plans = plan_migrations(snap, make_config())
+    assert moves(plans) == [("d", "i0", "i2")] and plans[0].reason == "drain"
+
+
+# -- defrag ----------------------------------------------------------------------------------
+def blocked(*reqs, head: int = 12, free: int | None = None):
+    """i0 with 30 blocks whose head-of-line request needs `head` blocks."""
+    return make_instance("i0", *reqs, num_blocks=30, free=free, waiting_blocks=head)
+
+
+def test_defrag_frees_room_for_the_head_of_line_request():
+    a, b, c = (make_request(x, prompt=n * 16, output=0) for x, n in (("a", 2), ("b", 10), ("c", 14)))
+    # i0: 4 free, head needs 12; i1 and i2 have 11 free each: no instance can take the head
+    snap = make_cluster(blocked(a, b, c), make_instance("i1", num_blocks=11), make_instance("i2", num_blocks=11))
+    plans = defrag(snap, ctx(**WIDE))
+    assert moves(plans) == [("b", "i0", "i1")] and plans[0].reason == "defrag"
+
+
+def test_defrag_uses_several_moves_when_no_single_one_is_enough():
+    reqs = [make_request(f"r{k}", prompt=4 * 16, output=0) for k in range(6)]   # 4 blocks each
+    snap = make_cluster(blocked(*reqs, head=12), make_instance("i1", num_blocks=40), make_instance("i2", num_blocks=40))
+    plans = defrag(snap, ctx(**WIDE))
+    assert len(plans) == 2 and {p.source for p in plans} == {"i0"}  # 6 free + 4 + 4 >= 12
+    assert len(defrag(snap, ctx())) == 1  # the concurrency limit: the rest next round
+
+
+def test_defrag_plans_nothing_when_the_cluster_has_no_room():
+    reqs = [make_request(f"r{k}", prompt=4 * 16, output=0) for k in range(6)]
+    snap = make_cluster(blocked(*reqs, head=20), make_instance("i1", num_blocks=5))
+    assert defrag(snap, ctx(**WIDE)) == []
+
+
+def test_defrag_does_not_block_the_destination_queue():
+    b = make_request("b", prompt=10 * 16, output=0)
+    busy = make_instance("i1", num_blocks=20, waiting_blocks=12)  # 20 free, 12 claimed by its queue
+    assert defrag(make_cluster(blocked(b, free=4), busy), ctx()) == []
+
+
+# -- cost model ordering -----------------------------------------------------------------------
+def test_measured_fixed_cost_prefers_one_larger_move():
+    small = [make_request(f"s{k}", prompt=4 * 16, output=0) for k in range(3)]   # 4 blocks each
+    large = make_request("L", prompt=20 * 16, output=0)
+    snap = make_cluster(make_instance("i0", *small, large, num_blocks=40, free=2, waiting_blocks=12),
+                        make_instance("i1", num_blocks=60))
+    per_token, fixed = MigrationCostModel(), MigrationCostModel()
+    for n in (64, 512, 1024, 4096):
+        per_token = per_token.observe(n, 1e-4 * n)   # cost grows with size, no fixed part
+        fixed = fixed.observe(n, 2.0)                 # every migration takes 2 s whatever its size
+    assert moves(defrag(snap, ctx(cost=per_token, **WIDE)))[0][0] == "s0"
+    assert moves(defrag(snap, ctx(cost=fixed, **WIDE))) == [("L", "i0", "i1")]
+
+
+# -- priority ----------------------------------------------------------------------------------
+def hp_ctx(**kw) -> PlanContext:
+    return ctx(high_priority_threshold=HIGH, high_priority_headroom_blocks=20, **kw)
+
+
+def test_priority_moves_normal_requests_off_a_high_priority_instance():
+    vip = make_request("vip", prompt=16, output=0, priority=HIGH)
+    normal = [make_request(f"n{k}", prompt=10 * 16, output=k) for k in range(3)]
+    snap = make_cluster(make_instance("i0", vip, *normal, num_blocks=40, free=8), make_instance("i1"))
+    plans = make_headroom(snap, hp_ctx(**WIDE))
+    # 8 free: 12 short of the headroom; no single request frees 12: n0 (10 blocks), then n1 (11)
+    assert moves(plans) == [("n0", "i0", "i1"), ("n1", "i0", "i1")]
+    assert {p.reason for p in plans} == {"priority"}
+
+
+def test_priority_never_moves_high_priority_requests():
+    vips = [make_request(f"v{k}", prompt=64, output=0, priority=HIGH) for k in range(5)]
+    snap = make_cluster(make_instance("i0", *vips, num_blocks=20, free=0), make_instance("i1"))
+    assert make_headroom(snap, hp_ctx(**WIDE)) == []
+
+
+def test_priority_does_not_push_normal_requests_into_another_headroom():
+    vip = make_request("vip", prompt=16, output=0, priority=HIGH)
+    n = make_request("n", prompt=4 * 16, output=0)
+    other = make_instance("i1", make_request("vip2", prompt=16, priority=HIGH), num_blocks=22)  # 21 free
+    snap = make_cluster(make_instance("i0", vip, n, num_blocks=20, free=10), other)
+    assert make_headroom(snap, hp_ctx()) == []
+
+
+# -- drain -------------------------------------------------------------------------------------
+def test_drain_moves_everything_spread_high_priority_first():
+    reqs = [make_request("vip", prompt=300, priority=HIGH)] + [make_request(f"n{k}") for k in range(3)]
+    snap = make_cluster(make_instance("i0", *reqs, draining=True), make_instance("i1"), make_instance("i2"))
+    plans = drain(snap, ctx(high_priority_threshold=HIGH, max_migrations_out=4, max_migrations_in=2))
+    assert plans[0].request_id == "vip" and {p.reason for p in plans} == {"drain"}
+    assert sorted(p.request_id for p in plans) == ["n0", "n1", "n2", "vip"]
+    assert sorted(p.destination for p in plans) == ["i1", "i1", "i2", "i2"]
+
+
+def test_drain_ignores_thresholds_and_cooldown_but_not_limits_or_room():
+    r = make_request("r")
+    hist = MigrationHistory().record("r", "i1", "i0", at=NOW - 1)   # just came from i1
+    busy = make_instance("i1", *(make_request(f"b{k}") for k in range(30)), free=6)  # freeness 0.2
+    snap = make_cluster(make_instance("i0", r, draining=True), busy)
+    assert moves(drain(snap, ctx(hist))) == [("r", "i0", "i1")]
+    assert drain(snap, ctx(hist, max_migrations_in=0)) == []
+    full = make_instance("i1", free=1)
+    assert drain(make_cluster(make_instance("i0", r, draining=True), full), ctx()) == []
+
+
+def test_disabled_policies_plan_nothing():
+    snap = make_cluster(make_instance("i0", make_request("r"), draining=True), make_instance("i1"))
+    assert plan_migrations(snap, make_config(migration_policies={"balance"})) == []
