@@ -49,8 +49,8 @@ class MigrationCostModel:
         """The model after one measured migration of `num_tokens` tokens."""
         assert num_tokens >= 0 and seconds >= 0
         x, y = float(num_tokens), float(seconds)
-        decayed = tuple(v * self.decay for v in self.stats)
-        stats = tuple(d + v for d, v in zip(decayed, (1.0, x, y, x * x, x * y)))
+        w, wx, wy, wxx, wxy = (v * self.decay for v in self.stats)
+        stats = (w + 1.0, wx + x, wy + y, wxx + x * x, wxy + x * y)
         return replace(self, stats=stats, num_observed=self.num_observed + 1)
 
     def coefficients(self) -> tuple[float, float]:

@@ -10,10 +10,10 @@
 
 Free KV blocks minus what the queue already claims, shared among the running
 requests: higher is freer; negative means the instance is overloaded (its queue
-cannot start). Requests that are listed on an instance count whatever their
-state; the headroom protects that instance's high-priority requests from
-normal ones (dispatch sends normal requests elsewhere, the priority policy
-moves them out) while a high-priority request may use it.
+cannot start). The headroom protects an instance's high-priority requests
+(running or queued) from normal ones: dispatch sends normal requests
+elsewhere and the priority policy moves them out, while a high-priority
+request may use it.
 """
 
 from __future__ import annotations

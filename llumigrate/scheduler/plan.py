@@ -83,9 +83,8 @@ def may_go(req: RequestSnapshot, dst: InstanceSnapshot, ctx: PlanContext, now: f
     just came from."""
     if dst.instance_id == req.instance_id or not can_receive(dst, ctx.cfg, now) or not fits(req, dst):
         return False
-    cfg = ctx.cfg
-    return reason == "drain" or not ctx.history.returning(req.request_id, dst.instance_id, now,
-                                                          cfg.no_return_s)
+    back = ctx.history.returning(req.request_id, dst.instance_id, now, ctx.cfg.no_return_s)
+    return reason == "drain" or not back
 
 
 def admissible(snapshot: ClusterSnapshot, plan: MigrationPlan, ctx: PlanContext) -> bool:

@@ -3,10 +3,9 @@
 Sources have freeness below `migrate_out_threshold`, destinations above
 `migrate_in_threshold` (normal-priority freeness, so headroom counts). The
 most loaded source is paired with the freest destination, the next with the
-next, up to `max_balance_pairs`. Within a pair, requests move (cheapest
-first, low priority first; the cheapest single one that lifts the source
-over the threshold if there is one) until the source is no longer below
-`migrate_out_threshold`. A move is only made if, afterwards, the destination
+next, up to `max_balance_pairs`. Within a pair, requests move (low priority
+first, on measured cost: `common.pick`) until the source is no longer below
+`migrate_out_threshold` or the concurrency limits are reached. A move is only made if, afterwards, the destination
 is still at least as free as the source and is not itself a source: a move
 never inverts the imbalance, so it never calls for a move back.
 """

@@ -11,8 +11,8 @@ from llumigrate.scheduler.plan import (MigrationPlan, PlanContext, Reason, apply
                                        may_go, movable)
 from llumigrate.scheduler.snapshot import ClusterSnapshot, InstanceSnapshot, RequestSnapshot, blocks_for
 
-# (destination before, destination after the move) -> acceptable
-DestinationCheck = Callable[[InstanceSnapshot, InstanceSnapshot], bool]
+# Whether a destination, as it would be once it holds the request, is acceptable.
+DestinationCheck = Callable[[InstanceSnapshot], bool]
 
 
 def cheapest_first(req: RequestSnapshot, ctx: PlanContext) -> tuple:
@@ -37,7 +37,7 @@ def best_destination(snapshot: ClusterSnapshot, req: RequestSnapshot, ctx: PlanC
         if not may_go(req, dst, ctx, snapshot.now, reason):
             continue
         after = dst.with_running(req)
-        if check is not None and not check(dst, after):
+        if check is not None and not check(after):
             continue
         score = (-freeness(after, ctx.cfg, req.priority), dst.instance_id)
         best = score if best is None or score < best else best
@@ -49,7 +49,7 @@ def keeps_room(ctx: PlanContext, req: RequestSnapshot) -> DestinationCheck:
     headroom, and does not become a balance source."""
     cfg = ctx.cfg
 
-    def check(before: InstanceSnapshot, after: InstanceSnapshot) -> bool:
+    def check(after: InstanceSnapshot) -> bool:
         return (spare_blocks(after, cfg, req.priority) >= 0
                 and freeness(after, cfg) >= cfg.migrate_out_threshold)
     return check

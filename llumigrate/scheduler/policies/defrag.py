@@ -3,10 +3,9 @@
 vLLM's blocks need not be contiguous, so fragmentation here is across
 instances: the request at the head of an instance's queue needs B blocks and
 its instance has fewer free, while other instances have room. Running requests
-move off that instance (cheapest first, low priority first; the cheapest
-single one that frees enough if there is one) to instances that keep room for
-their own queue and headroom, until B blocks are free there. Nothing is
-planned when the movable requests together could not free enough.
+move off that instance (low priority first, on measured cost: `common.pick`)
+to instances that keep room for their own queue and headroom, until B blocks
+are free there. Nothing is planned when the moves could not free enough.
 """
 
 from __future__ import annotations
