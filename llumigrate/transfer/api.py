@@ -6,12 +6,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-# Same host only: "pvm" (the client reads the source's blocks with
-# process_vm_readv: one copy; needs ptrace rights) and "shm" (the source
+# CPU engines. Same host only: "pvm" (the client reads the source's blocks
+# with process_vm_readv: one copy; needs ptrace rights) and "shm" (the source
 # gathers into shared memory, the client scatters from it). "tcp" works
-# anywhere. "auto" picks pvm, else shm, else tcp, by probing each;
-# naming one fails when it is unusable.
-TRANSPORTS = ("auto", "pvm", "shm", "tcp")
+# anywhere. "auto" picks pvm, else shm, else tcp, by probing each.
+CPU_TRANSPORTS = ("pvm", "shm", "tcp")
+# CUDA engines (transfer/select.py picks per pair): "ipc" (same host, the
+# source's GPU visible here: the client maps the source's KV buffer once and
+# copies block ranges device to device) and "nccl" (anywhere: a private
+# two-rank communicator per connection). "auto" picks ipc, else nccl.
+GPU_TRANSPORTS = ("ipc", "nccl")
+# Naming a transport fails the pull when it is unusable.
+TRANSPORTS = ("auto", *CPU_TRANSPORTS, *GPU_TRANSPORTS)
+# What a CUDA client announces in its Hello for "auto", so that a server
+# tells CUDA clients from CPU ones.
+GPU_AUTO = "gpu"
 
 
 @dataclass(frozen=True)

@@ -17,17 +17,23 @@ from llumigrate.kv.layout import KVLayout
 from llumigrate.kv.ops import as_block_ids, scatter_blocks
 from llumigrate.transfer.api import TRANSPORTS, PullRequest
 from llumigrate.transfer.connection import ClientConnection
+from llumigrate.transfer.gpu_connection import GpuConnection
+from llumigrate.transfer.select import hello_transport
 
 Address = tuple[str, int]
+Connection = ClientConnection | GpuConnection
 
 
 class KVClient:
-    """Pulls into `layers` ([num_blocks, *block_shape] each, CPU).
+    """Pulls into `layers` ([num_blocks, *block_shape] each, CPU or CUDA).
 
-    transport: one of TRANSPORTS (see `api`): "auto" probes pvm, then shm,
-    on a same-host server and falls back to tcp; naming one fails the pull
-    when it is unusable. Thread-safe. `close()` drops idle
-    connections at once and busy ones when their pull returns; idempotent.
+    transport: one of TRANSPORTS (see `api`). CPU layers: "auto" probes pvm,
+    then shm, on a same-host server and falls back to tcp. CUDA layers
+    (`GpuConnection`): "auto" picks ipc for a same-host server whose GPU is
+    visible here, else nccl (`select.choose_transport`). Naming one fails the
+    pull when it is unusable; naming another device's one is a ConfigError.
+    Thread-safe. `close()` drops idle connections at once and busy ones when
+    their pull returns; idempotent.
     """
 
     def __init__(self, layers: list[torch.Tensor], *, token: str | None = None, transport: str = "auto",
@@ -43,9 +49,11 @@ class KVClient:
         except (ValueError, RuntimeError) as e:
             raise ConfigError(f"KV layers unusable for transfer: {e}") from e
         self.num_blocks = int(self.layers[0].shape[0])
+        self.device = "cuda" if self.layers[0].is_cuda else "cpu"
+        hello_transport(transport, self.device)  # ConfigError for another device's transport
         self.token, self.transport = token, transport
         self.num_threads, self.io_timeout_s = num_threads, io_timeout_s
-        self._idle: dict[Address, list[ClientConnection]] = {}
+        self._idle: dict[Address, list[Connection]] = {}
         self._lock = threading.Lock()
         self._closed = False
 
@@ -94,13 +102,16 @@ class KVClient:
             raise ValueError(f"destination block ids must be in [0, {self.num_blocks})")
         return as_block_ids(ids)
 
-    def _take(self, addr: Address) -> ClientConnection:
+    def _take(self, addr: Address) -> Connection:
         while True:
             with self._lock:
                 if self._closed:
                     raise TransferError("KVClient is closed")
                 conns = self._idle.get(addr)
                 conn = conns.pop() if conns else None
+            if conn is None and self.device == "cuda":
+                return GpuConnection.open(addr, self.token, self.transport, self.layers, self.layout,
+                                          self.io_timeout_s)
             if conn is None:
                 return ClientConnection.open(addr, self.token, self.transport, self.layers, self.layout,
                                              self.num_threads, self.io_timeout_s)
@@ -109,7 +120,7 @@ class KVClient:
             conn.healthy = False  # the server went away while it idled
             conn.close()
 
-    def _give_back(self, addr: Address, conn: ClientConnection) -> None:
+    def _give_back(self, addr: Address, conn: Connection) -> None:
         if conn.healthy:
             with self._lock:
                 if not self._closed:
