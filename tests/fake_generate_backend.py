@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
+import time
 from dataclasses import dataclass, field
 
 from llumigrate.controller.request import RequestHandle
 from llumigrate.frontend.backend import GenerateBackend
+from llumigrate.frontend.server import bound_port, make_server
+from llumigrate.frontend.tokenizer import ModelTokenizer
 
 DEFAULT_TEXT = "The quick brown fox jumps over the lazy dog. café 🙂 naïve 中文 x = 42; "
 
@@ -101,3 +105,29 @@ class FakeBackend(GenerateBackend):
                 h.hop += 1
                 await asyncio.sleep(0)  # a migration boundary: let the consumer run
         h.finish(reason, stop_reason)
+
+
+class ServerThread:
+    """The app on uvicorn, on its own loop in a thread (the backend lives there)."""
+
+    def __init__(self, app: object) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.server = make_server(app, port=0, log_level="warning")
+        self.thread = threading.Thread(target=self.loop.run_until_complete, args=(self.server.serve(),),
+                                       daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.01)
+        self.url = f"http://127.0.0.1:{bound_port(self.server)}"
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def make_backend(tok: ModelTokenizer, model_path: str) -> FakeBackend:
+    backend = FakeBackend(model_path, eos_token_id=tok.hf.eos_token_id)
+    backend.default_source = tok.encode(DEFAULT_TEXT, add_special_tokens=False)
+    return backend

@@ -4,9 +4,7 @@
 from __future__ import annotations
 
 import ast
-import asyncio
 import json
-import threading
 import time
 from pathlib import Path
 
@@ -14,39 +12,12 @@ import httpx
 import openai
 import pytest
 
-from fake_generate_backend import DEFAULT_TEXT, FakeBackend, FakeConfig
+from fake_generate_backend import FakeBackend, FakeConfig, ServerThread, make_backend
 from llumigrate.frontend import Metrics, build_app
 from llumigrate.frontend.output import StopRules, TextStream
-from llumigrate.frontend.server import bound_port, make_server
 from llumigrate.frontend.tokenizer import ModelTokenizer
 
 API_KEY = "sekrit"
-
-
-class ServerThread:
-    """The app on uvicorn, on its own loop in a thread (the backend lives there)."""
-
-    def __init__(self, app) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.server = make_server(app, port=0, log_level="warning")
-        self.thread = threading.Thread(target=self.loop.run_until_complete, args=(self.server.serve(),),
-                                       daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.01)
-        self.url = f"http://127.0.0.1:{bound_port(self.server)}"
-
-    def close(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-
-
-def make_backend(tok: ModelTokenizer, model_path: str) -> FakeBackend:
-    backend = FakeBackend(model_path, eos_token_id=tok.hf.eos_token_id)
-    backend.default_source = tok.encode(DEFAULT_TEXT, add_special_tokens=False)
-    return backend
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +182,6 @@ def test_multibyte_utf8_split_across_tokens(client, backend, tok):
     texts, _, _ = stream_completion(client, prompt="p", max_tokens=len(ids))
     assert "".join(texts) == text
     assert all("\ufffd" not in t for t in texts)
-    assert "" in texts  # tokens holding part of a character show nothing yet
 
 
 def _wait(cond, timeout: float = 5.0) -> None:
@@ -375,3 +345,70 @@ def test_text_stream_holds_back_only_possible_stop_starts(tok):
         assert len(ts.text) - len(shown) <= len("ab cx") - 1
     ts.finish("length")
     assert shown + ts.take_text() == " ab cd ab ce" and ts.finish_reason == "length"
+
+
+def test_text_stream_stop_token_text_hidden_unless_included(tok):
+    ids = tok.encode(" one two", False)
+    for include, want in ((False, " one"), (True, " one two")):
+        ts = TextStream(tok.detokenizer([1], True), StopRules(stop_token_ids=frozenset({ids[-1]}),
+                                                               include_stop_str_in_output=include))
+        ts.add(ids)
+        shown = ts.take_text()
+        ts.finish("stop", ids[-1])
+        assert shown + ts.take_text() == want and ts.token_ids == ids
+    # A possible stop token that does not end the request is shown once more tokens come.
+    ts = TextStream(tok.detokenizer([1], True), StopRules(stop_token_ids=frozenset({ids[-1]})))
+    ts.add(ids)
+    ts.add(ids)
+    ts.finish("length")
+    assert ts.text == " one two one two"
+
+
+def test_special_tokens_shown_when_not_skipped(client, backend, tok):
+    words = tok.encode(" hi", False)
+    backend.config = FakeConfig(source=words + [tok.hf.eos_token_id])
+    body = dict(prompt="p", max_tokens=2 * (len(words) + 1), extra_body={"ignore_eos": True})
+    assert client.completions.create(model="tiny", **body).choices[0].text == " hi hi"
+    body["extra_body"]["skip_special_tokens"] = False
+    assert client.completions.create(model="tiny", **body).choices[0].text == " hi</s> hi</s>"
+
+
+def test_continuous_usage_and_chat_stop(client, backend, tok):
+    backend.config = FakeConfig(delay_s=0.001)
+    usages = [c.usage.completion_tokens for c in client.completions.create(
+        model="tiny", prompt="p", max_tokens=6, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True})]
+    assert usages == sorted(usages) and usages[-1] == 6
+    _, text = expected(backend, tok, 40)
+    chunks = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
+                                                 max_tokens=40, stop="fox", stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text[:text.index("fox")]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert chunks[-1].choices[0].model_extra["stop_reason"] == "fox"
+
+
+def test_metrics_registries_are_independent():
+    a, b = Metrics(), Metrics()
+    a.observe_dispatch("i0")
+    a.set_instance("i1", kv_cache_usage=0.5, draining=1)
+    a.remove_instance("i1")
+    text_a, content_type = a.render()
+    assert b'llumigrate_dispatches_total{instance="i0"} 1.0' in text_a
+    assert b'instance="i1"' not in text_a
+    assert b"llumigrate_dispatches_total{" not in b.render()[0]
+    assert content_type.startswith("text/plain")
+
+
+def test_slow_detokenizer_matches_fast(tok):
+    from fake_generate_backend import DEFAULT_TEXT
+    from llumigrate.frontend.detok import IncrementalDetokenizer, SlowIncrementalDetokenizer
+    ids = tok.encode(DEFAULT_TEXT + "a𝄞b 🙂</s>", False)
+    prompt = tok.encode("prompt 中", False)
+    for skip in (True, False):
+        fast = IncrementalDetokenizer(tok.hf.backend_tokenizer, prompt, skip)
+        slow = SlowIncrementalDetokenizer(tok.hf, prompt, skip)
+        pieces = [(fast.decode_next(i), slow.decode_next(i)) for i in ids]
+        want = tok.hf.decode(ids, skip_special_tokens=skip)
+        assert "".join(p[0] for p in pieces) == "".join(p[1] for p in pieces) == want
+        assert all("\ufffd" not in p[0] + p[1] for p in pieces)
+        assert ("", "") in pieces  # tokens holding part of a character show nothing yet

@@ -49,6 +49,7 @@ class Generation:
         self._handle: GenerateHandle | None = None
         self._backend_done = False
         self._first_token_at: float | None = None
+        self._failed = False
 
     async def start(self) -> None:
         self._handle = await self.backend.submit(self.prompt_token_ids, self.sampling,
@@ -66,6 +67,9 @@ class Generation:
                     continue
                 yield Update(self.output.take_text(), num_tokens,
                              self.output.finish_reason, self.output.stop_reason)
+        except GenerationFailed:
+            self._failed = True
+            raise
         finally:
             pump.cancel()
             await self._close()
@@ -93,19 +97,25 @@ class Generation:
         self.output.finish(handle.finish_reason or "stop", stop_reason)
 
     async def _close(self) -> None:
-        if not self._backend_done:
-            # NOTE: shielded so a cancelled consumer (client gone) still aborts.
-            try:
-                await asyncio.shield(self.backend.abort(self.request_id))
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.exception("aborting %s failed", self.request_id)
-        if self.metrics is not None:
-            now = time.monotonic()
-            ttft = None if self._first_token_at is None else self._first_token_at - self.arrival
-            self.metrics.observe_request(self.output.finish_reason or "abort", ttft, now - self.arrival,
-                                         len(self.prompt_token_ids), len(self.output.token_ids))
+        self._observe()
+        if self._backend_done:
+            return
+        # NOTE: shield: the abort runs to its end even if this task is cancelled
+        # again (anyio cancels a client-gone stream repeatedly).
+        try:
+            await asyncio.shield(self.backend.abort(self.request_id))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("aborting %s failed", self.request_id)
+
+    def _observe(self) -> None:
+        if self.metrics is None:
+            return
+        ttft = None if self._first_token_at is None else self._first_token_at - self.arrival
+        reason = "error" if self._failed else self.output.finish_reason or "abort"
+        self.metrics.observe_request(reason, ttft, time.monotonic() - self.arrival,
+                                     len(self.prompt_token_ids), len(self.output.token_ids))
 
 
 async def _pump(handle: GenerateHandle, queue: asyncio.Queue) -> None:

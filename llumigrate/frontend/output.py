@@ -11,7 +11,7 @@ import sys
 from bisect import bisect_left
 from dataclasses import dataclass
 
-from llumigrate.frontend.detok import IncrementalDetokenizer
+from llumigrate.frontend.detok import Detokenizer
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class TextStream:
     the start of a stop string is held back until it is known not to be.
     """
 
-    def __init__(self, detok: IncrementalDetokenizer, rules: StopRules) -> None:
+    def __init__(self, detok: Detokenizer, rules: StopRules) -> None:
         self._detok = detok
         self._rules = rules
         self.token_ids: list[int] = []

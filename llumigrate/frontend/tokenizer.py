@@ -9,7 +9,7 @@ from typing import Any
 
 from transformers import AutoTokenizer
 
-from llumigrate.frontend.detok import IncrementalDetokenizer
+from llumigrate.frontend.detok import Detokenizer, IncrementalDetokenizer, SlowIncrementalDetokenizer
 from llumigrate.frontend.errors import bad_request, unsupported
 
 # generation_config.json keys that become default sampling values, as vLLM's
@@ -52,8 +52,12 @@ class ModelTokenizer:
         except (ValueError, TypeError, KeyError) as e:
             raise bad_request(f"cannot apply the chat template: {e}", "messages") from e
 
-    def detokenizer(self, prompt_token_ids: list[int], skip_special_tokens: bool) -> IncrementalDetokenizer:
-        return IncrementalDetokenizer(self.hf.backend_tokenizer, prompt_token_ids, skip_special_tokens)
+    def detokenizer(self, prompt_token_ids: list[int],
+                    skip_special_tokens: bool) -> Detokenizer:
+        backend = getattr(self.hf, "backend_tokenizer", None)
+        if backend is None:
+            return SlowIncrementalDetokenizer(self.hf, prompt_token_ids, skip_special_tokens)
+        return IncrementalDetokenizer(backend, prompt_token_ids, skip_special_tokens)
 
 
 def _read_generation_config(folder: Path) -> dict:
