@@ -53,8 +53,10 @@ async def _one(cluster: Cluster, ctx: int, mode: str, warm: int, salt: int) -> d
     before = _median_gap(h.token_times, r.started_at - 5.0, r.started_at)
     during = _median_gap(h.token_times, r.started_at, r.stopped_at or r.started_at)
     return {"context": ctx, "mode": mode, "state": r.state, "downtime_ms": 1000 * (r.downtime_s or 0),
+            "stall_ms": 1000 * (r.stall_s or 0),
             "total_ms": 1000 * r.total_s, "stages": r.stages, "blocks_per_stage": r.blocks_per_stage,
-            "context_tokens": r.context_tokens, "phase_s": r.phase_s, "downtime_marks": r.downtime_marks, "step_ms_before": 1000 * before if before else None,
+            "context_tokens": r.context_tokens, "phase_s": r.phase_s, "downtime_marks": r.downtime_marks,
+            "step_ms_before": 1000 * before if before else None,
             "step_ms_during_precopy": 1000 * during if during else None}
 
 

@@ -32,7 +32,14 @@ class MigrationResult:
     blocks_hit_at_commit: int = 0
     blocks_loaded_at_commit: int = 0
     context_tokens: int = 0
+    # Client-visible pause: the last token from the source (including tokens
+    # recovered at the stop, which reach the client then) to the first token
+    # from the destination.
     downtime_s: float | None = None
+    # The longest gap between two deliveries from the last token before the
+    # stop to the destination's first token (>= downtime_s; one engine step of
+    # it is the source's ordinary step time).
+    stall_s: float | None = None
     total_s: float = 0.0
     started_at: float = 0.0      # monotonic clock
     stopped_at: float | None = None
@@ -58,6 +65,7 @@ class Coordinator:
         self.new_rid = f"{req.request_id}#{req.hop + 1}"
         self._marks: dict[str, float] = {}
         self._last_src_token_at: float | None = None
+        self._before_stop_at: float | None = None
 
     async def run(self) -> MigrationResult:
         t0 = self.result.started_at = time.monotonic()
@@ -132,18 +140,19 @@ class Coordinator:
         req = self.req
         self.result.stopped_at = time.monotonic()
         self._mark("stop_sent")
+        self._before_stop_at = req.last_token_at
         res = await self.src.call("stop", rpc_timeout=self.m.timeout_for() + 2, rid=self.old_rid,
                                   timeout=self.m.timeout_for())
         if "finished" in res:  # it finished on the source before the stop landed
             self.m.on_finished_before_stop()
             return
         self.sealed = s = SealedRequest.from_wire(res["sealed"])
-        self._last_src_token_at = req.last_token_at
         self._mark("sealed")
         recovered = s.tokens[len(req.all_token_ids):]
         assert s.tokens[: len(req.all_token_ids)] == req.all_token_ids[: len(s.tokens)], \
             "sealed tokens diverge from the delivered stream"
         req.append(recovered)
+        self._last_src_token_at = req.last_token_at
         self.result.context_tokens = len(s.tokens)
         self.m.on_stopped()
 
@@ -176,6 +185,9 @@ class Coordinator:
                                    "committing")
         if req.last_token_at is not None and self._last_src_token_at is not None:
             self.result.downtime_s = req.last_token_at - self._last_src_token_at
+            lo = self._before_stop_at if self._before_stop_at is not None else self._last_src_token_at
+            times = [t for t in req.token_times if t >= lo]
+            self.result.stall_s = max((b - a for a, b in zip(times, times[1:])), default=None)
             self._marks["first_token"] = req.last_token_at
             self.result.downtime_marks = {k: round(t - self._last_src_token_at, 6)
                                           for k, t in self._marks.items()}
