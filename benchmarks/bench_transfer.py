@@ -8,6 +8,15 @@ measured in the same run. Usage:
     python benchmarks/bench_transfer.py --json out/bench_transfer.json
 
 writes the JSON and a PNG plot beside it, and prints one summary line last.
+
+With --device cuda it times, on one GPU, the two copy paths of the GPU
+transports on vLLM-shaped caches ([2, num_blocks, block, heads, head] per
+layer): "copy_blocks" (what ipc runs: block to block, one kernel) and
+"gather+scatter" (what nccl runs around its send/recv: two kernels through a
+staging buffer), each against a device-to-device copy of the same bytes
+(CUDA events, same run). The 8B-model layout:
+
+    python benchmarks/bench_transfer.py --device cuda --num-layers 32 --dtype bfloat16 --json out/bench_gpu.json
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-threads", type=int, default=1, help="copy threads on each side")
     p.add_argument("--chunk-bytes", type=int, default=4 << 20)
     p.add_argument("--json", type=Path, default=None, help="write results here (and a .png beside it)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: time the GPU copy paths")
     p.add_argument("--serve", default=None, help=argparse.SUPPRESS)  # internal: run the source
     return p.parse_args(argv)
 
@@ -154,6 +164,67 @@ def run(args: argparse.Namespace) -> dict:
     return {"config": config, "results": results, "summary": summarize(results)}
 
 
+def cuda_layers(args: argparse.Namespace, num_blocks: int, seed: int) -> list[torch.Tensor]:
+    """vLLM flash-attention caches: [2, N, block, heads, head] per layer, seen block-first."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    shape = (args.num_layers, 2, num_blocks, args.block_size, args.num_kv_heads, args.head_size)
+    backing = torch.randn(shape, generator=g, device="cuda").to(getattr(torch, args.dtype))
+    return [t.transpose(0, 1) for t in backing.unbind(0)]
+
+
+def cuda_time(fn, repeats: int) -> list[float]:
+    """Seconds of each of `repeats` calls of `fn`, by CUDA events (after one warm-up)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return times
+
+
+def run_cuda(args: argparse.Namespace) -> dict:
+    from llumigrate.kv.ops import block_geometry, copy_blocks, gather_blocks, has_cuda_ops, layer_addresses, \
+        scatter_blocks
+    if not (torch.cuda.is_available() and has_cuda_ops()):
+        raise SystemExit("--device cuda needs a GPU and a CUDA build of llumigrate._C")
+    num_blocks = args.max_blocks + 8
+    src, dst = cuda_layers(args, num_blocks, SEED), cuda_layers(args, num_blocks, SEED + 1)
+    layout = KVLayout.from_layers(dst)
+    src_ids, dst_ids = source_ids(num_blocks, args.max_blocks), source_ids(num_blocks, args.max_blocks)[::-1]
+    staging = torch.empty(args.max_blocks * layout.bytes_per_block, dtype=torch.uint8, device="cuda")
+    flat_src, flat_dst = torch.empty_like(staging), torch.empty_like(staging)
+    addrs, geometry = layer_addresses(src), block_geometry(src)
+    results = []
+    for n in [1 << i for i in range(args.max_blocks.bit_length()) if 1 << i <= args.max_blocks]:
+        nbytes = n * layout.bytes_per_block
+        paths = {"copy_blocks": lambda: copy_blocks(addrs, geometry, src_ids[:n], dst_ids[:n], dst),
+                 "gather+scatter": lambda: (gather_blocks(src, src_ids[:n], staging[:nbytes]),
+                                            scatter_blocks(staging[:nbytes], dst_ids[:n], dst))}
+        d2d = cuda_time(lambda: flat_dst[:nbytes].copy_(flat_src[:nbytes]), args.repeats)
+        for name, fn in paths.items():
+            t = cuda_time(fn, args.repeats)
+            row = {"transport": name, "num_blocks": n, "bytes": nbytes, "pull_s": statistics.median(t),
+                   "memcpy_s": statistics.median(d2d), "pull_times_s": t}
+            row.update(gbps=nbytes / row["pull_s"] / 1e9, memcpy_gbps=nbytes / row["memcpy_s"] / 1e9,
+                       ratio_vs_memcpy=row["memcpy_s"] / row["pull_s"], ratio_vs_memcpy_best=min(d2d) / min(t))
+            results.append(row)
+            print(f"{name:>14} {n:4d} blocks {nbytes / 2**20:8.1f} MiB: {row['gbps']:7.1f} GB/s, d2d "
+                  f"{row['memcpy_gbps']:7.1f} GB/s, ratio {row['ratio_vs_memcpy']:.2f}", flush=True)
+    torch.cuda.synchronize()
+    for s, d in zip(src, dst):  # the last copy of max_blocks blocks landed bit for bit
+        if not torch.equal(s[src_ids].view(torch.uint8), d[dst_ids].view(torch.uint8)):
+            raise SystemExit("copied blocks differ from the source's")
+    config = {k: v for k, v in vars(args).items() if k not in ("json", "serve")}
+    config.update(bytes_per_block=layout.bytes_per_block, gpu=torch.cuda.get_device_name(), torch=torch.__version__)
+    summary = summarize(results)
+    summary["ratio_vs_d2d_64_blocks"] = summary.get("ratio_vs_memcpy_64_blocks")
+    return {"config": config, "results": results, "summary": summary}
+
+
 def summarize(results: list[dict]) -> dict:
     at64 = [r for r in results if r["num_blocks"] == 64]
     summary: dict = {"peak_gbps": {}, "gbps_64_blocks": {r["transport"]: r["gbps"] for r in at64}}
@@ -178,10 +249,12 @@ def plot(report: dict, path: Path) -> None:
         rows = [r for r in report["results"] if r["transport"] == transport]
         ax.plot([r["num_blocks"] for r in rows], [r["gbps"] for r in rows], marker="o", label=transport)
     rows = [r for r in report["results"] if r["transport"] == report["results"][0]["transport"]]
-    ax.plot([r["num_blocks"] for r in rows], [r["memcpy_gbps"] for r in rows], "k--", label="memcpy (1 thread)")
     c = report["config"]
+    gpu = c.get("device") == "cuda"
+    ax.plot([r["num_blocks"] for r in rows], [r["memcpy_gbps"] for r in rows], "k--",
+            label="device-to-device copy" if gpu else "memcpy (1 thread)")
     ax.set(xscale="log", xlabel="blocks per pull", ylabel="GB/s",
-           title=f"KV pull between processes ({c['num_layers']} layers x "
+           title=f"KV {'block copy on ' + c['gpu'] if gpu else 'pull between processes'} ({c['num_layers']} layers x "
                  f"{c['bytes_per_block'] // c['num_layers'] // 1024} KiB per block, {c['dtype']})")
     ax.set_xscale("log", base=2)
     ax.grid(True, alpha=0.3)
@@ -196,12 +269,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.serve:
         serve(args)
         return
-    report = run(args)
+    report = run_cuda(args) if args.device == "cuda" else run(args)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
         plot(report, args.json.with_suffix(".png"))
     s = report["summary"]
+    if args.device == "cuda":
+        print(f"bench_transfer cuda: at 64 blocks {s.get('ratio_vs_d2d_64_blocks') or 0.0:.2f} x device-to-device "
+              f"({s.get('best_transport_64_blocks', '-')}); GB/s at 64 blocks "
+              f"{ {k: round(v, 1) for k, v in s['gbps_64_blocks'].items()} }")
+        return
     print(f"bench_transfer: {s.get('best_transport_64_blocks', '-')} at 64 blocks "
           f"{s['gbps_64_blocks'].get(s.get('best_transport_64_blocks'), 0.0):.2f} GB/s = "
           f"{s.get('ratio_vs_memcpy_64_blocks', 0.0):.2f} x memcpy "
