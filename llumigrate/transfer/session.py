@@ -20,7 +20,8 @@ import torch
 from llumigrate.errors import TransferError, TransferRefused
 from llumigrate.kv.layout import KVLayout
 from llumigrate.kv.ops import gather_blocks, layer_addresses
-from llumigrate.transfer.api import TRANSPORTS, Grant, PullRequest
+from llumigrate.transfer import gpu_link
+from llumigrate.transfer.api import GPU_AUTO, TRANSPORTS, Grant, PullRequest
 from llumigrate.transfer.channel import Channel
 from llumigrate.transfer.plan import ChunkPlan
 from llumigrate.transfer.shm import Segment
@@ -58,6 +59,7 @@ class ServerSession:
         self.segment: Segment | None = None
         self._probe: torch.Tensor | None = None  # read by the client's pvm probe
         self._staging: tuple[bytearray, torch.Tensor] | None = None
+        self.gpu: gpu_link.GpuServerLink | None = None  # CUDA KV: ipc/nccl
 
     def run(self) -> None:
         """Serve until the connection ends; never raises."""
@@ -72,6 +74,8 @@ class ServerSession:
         except Exception:  # a bug ends this connection only, never the server
             logger.exception("KV connection from %s crashed", self.chan.peer)
         finally:
+            if self.gpu is not None:
+                self.gpu.close(failed=True)
             self._set_segment(None)
             self._staging = self._probe = None
             self.chan.close()
@@ -93,6 +97,10 @@ class ServerSession:
             logger.warning("refused KV client %s: %s", self.chan.peer, reason)
             self.chan.send(Refuse(-1, reason), io)
             return False
+        if gpu_link.is_cuda(self.server.layers):
+            self.gpu = gpu_link.GpuServerLink.accept(self.chan, self.server.layers, hello, io)
+            self.transport = self.gpu.transport
+            return True
         if hello.transport == "tcp" or (hello.transport == "auto" and not self._same_host(hello)):
             self.transport = "tcp"
             self.chan.send(Accept("tcp", b"", None, 0, []), io)
@@ -116,8 +124,11 @@ class ServerSession:
             return f"protocol version {hello.version} is not this server's {VERSION}"
         if self.cfg.token and not hmac.compare_digest(hello.auth, mac(self.cfg.token, nonce)):
             return "bad token"
-        if hello.transport not in TRANSPORTS:
+        if hello.transport not in (*TRANSPORTS, GPU_AUTO):
             return f"unknown transport {hello.transport!r}; known: {TRANSPORTS}"
+        reason = gpu_link.refusal(self.server.layers, hello.transport)
+        if reason is not None:
+            return reason
         try:
             theirs = KVLayout.from_wire(hello.layout)
         except ValueError as e:
@@ -184,6 +195,8 @@ class ServerSession:
 
     def _send_blocks(self, seq: int, grant: Grant) -> bool:
         """Stream the granted blocks; True when the client acked its scatter."""
+        if self.gpu is not None:
+            return self.gpu.send_blocks(seq, grant)
         cfg = self.cfg
         ids = torch.tensor(grant.block_ids, dtype=torch.int64)
         bpb = self.server.layout.bytes_per_block
