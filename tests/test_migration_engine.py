@@ -61,7 +61,10 @@ def baseline(loop, cluster):
     return loop.run(_free_blocks(cluster))
 
 
-@pytest.mark.parametrize("prompt_len,at,max_tokens", [(20, 5, 300), (300, 40, 300), (900, 100, 300)])
+# NOTE: generous max_tokens: on 2 shared cores an engine step now and then
+# stalls for a second or two, and the request must still be running when the
+# migration reaches its stop.
+@pytest.mark.parametrize("prompt_len,at,max_tokens", [(20, 5, 700), (300, 40, 700), (900, 100, 700)])
 def test_greedy_exact_after_one_migration(loop, cluster, baseline, prompt_len, at, max_tokens):
     prompt, sp = prompt_of(prompt_len, prompt_len), {**GREEDY, "max_tokens": max_tokens}
     ref = loop.run(_reference(cluster, prompt, sp))
@@ -73,7 +76,7 @@ def test_greedy_exact_after_one_migration(loop, cluster, baseline, prompt_len, a
 
 
 def test_seeded_exact_across_several_migrations(loop, cluster, baseline):
-    prompt, sp = prompt_of(200, 7), {**SEEDED, "max_tokens": 400}
+    prompt, sp = prompt_of(200, 7), {**SEEDED, "max_tokens": 700}
     ref = loop.run(_reference(cluster, prompt, sp))
     h, results = loop.run(_migrated(cluster, prompt, sp, [(20, "i1"), (120, "i0"), (240, "i1")]))
     assert all(r.committed for r in results), results
@@ -83,7 +86,7 @@ def test_seeded_exact_across_several_migrations(loop, cluster, baseline):
 
 
 def test_precopy_moves_most_blocks_before_stop(loop, cluster, baseline):
-    prompt, sp = prompt_of(1500, 3), {**GREEDY, "max_tokens": 300}
+    prompt, sp = prompt_of(1500, 3), {**GREEDY, "max_tokens": 600}
     cfg = MigrationConfig(max_precopy_stages=3, stop_threshold_blocks=1)
     h, (r,) = loop.run(_migrated(cluster, prompt, sp, [(10, "i1")], cfg))
     assert r.committed and r.stages >= 1
@@ -93,7 +96,7 @@ def test_precopy_moves_most_blocks_before_stop(loop, cluster, baseline):
 
 
 def test_waiting_or_prefill_request_migrates(loop, cluster, baseline):
-    prompt, sp = prompt_of(600, 11), {**GREEDY, "max_tokens": 200}
+    prompt, sp = prompt_of(600, 11), {**GREEDY, "max_tokens": 500}
     ref = loop.run(_reference(cluster, prompt, sp))
 
     async def go():

@@ -45,6 +45,7 @@ async def _main(args: argparse.Namespace, engine_argv: list[str]) -> int:
                                     notify_path=notify.path)
     runtime = EngineRuntime(engine_args)
     agent = Agent(args.instance_id, runtime, notify)
+    notify.on("blocks", lambda msg: runtime.set_free_blocks(int(msg["free"])))
     agent.server.token = args.token
     stop = agent.shutdown_event
     loop = asyncio.get_running_loop()

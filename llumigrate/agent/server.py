@@ -26,6 +26,10 @@ logger = logging.getLogger(__name__)
 
 # Fallback poll period of engine state the engine also pushes (engine/notify.py).
 POLL_S = 0.02
+# Load reports: pushed to every controller this often while the engine steps,
+# and at least every HEARTBEAT_S when it is idle.
+REPORT_S = 0.1
+HEARTBEAT_S = 1.0
 
 
 @dataclass
@@ -56,7 +60,23 @@ class Agent:
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         self.kv = await self.rt.rpc("llumigrate_attach")
-        return await self.server.start(host, port)
+        addr = await self.server.start(host, port)
+        self._reporter = asyncio.get_running_loop().create_task(self._report_load())
+        return addr
+
+    async def _report_load(self) -> None:
+        """Push `load` events (the scheduler's load reports) to every connected
+        controller: on each change, at most every REPORT_S, and a heartbeat."""
+        last, last_at = None, 0.0
+        while not self.shutdown_event.is_set():
+            await asyncio.sleep(REPORT_S)
+            load = self.rt.snapshot().__dict__
+            now = time.monotonic()
+            if load == last and now - last_at < HEARTBEAT_S:
+                continue
+            last, last_at = load, now
+            for conn in list(self.server.connections):
+                await conn.push("load", instance_id=self.instance_id, load=load)
 
     # -- introspection ---------------------------------------------------------
     async def rpc_info(self, conn: Connection) -> dict:

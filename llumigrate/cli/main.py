@@ -8,12 +8,27 @@ import sys
 
 # name -> module exposing `add_arguments(parser)` and `run(args) -> int`.
 COMMANDS: dict[str, str] = {
-    "make-tiny-model": "llumigrate.cli.make_tiny_model",
+    "serve": "llumigrate.cli.serve",
     "demo": "llumigrate.cli.demo",
+    "make-tiny-model": "llumigrate.cli.make_tiny_model",
+    # gRPC control API clients
+    "instances": "llumigrate.control.commands.instances",
+    "requests": "llumigrate.control.commands.requests",
+    "migrate": "llumigrate.control.commands.migrate",
+    "drain": "llumigrate.control.commands.drain",
+    "undrain": "llumigrate.control.commands.undrain",
+    "events": "llumigrate.control.commands.events",
+    "policy": "llumigrate.control.commands.policy",
+    "health": "llumigrate.control.commands.health",
 }
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in COMMANDS:
+        mod = importlib.import_module(COMMANDS[argv[0]])
+        if hasattr(mod, "parse"):  # takes arguments it does not know (e.g. vLLM's)
+            return int(mod.run(mod.parse(argv[1:])) or 0)
     parser = argparse.ArgumentParser(prog="llumigrate", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     modules = {}

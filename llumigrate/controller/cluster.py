@@ -6,8 +6,12 @@
         await h.wait()
 
 It starts (or connects to) agents, routes each hop's token events into the
-request's `RequestHandle`, and runs migrations through the `Coordinator`.
-`SyncCluster` wraps it for scripts that are not async.
+request's `RequestHandle`, keeps each instance's latest load report, and runs
+migrations through the `Coordinator`. When an instance dies, its requests are
+replayed elsewhere (`failover.py`) unless `failover=False`. Everything that
+happens is told to a `ClusterListener` (the scheduler's events and metrics).
+Placement is the caller's: `submit(instance=...)`; without one, the instance
+with the fewest unfinished requests of ours.
 """
 
 from __future__ import annotations
@@ -22,30 +26,39 @@ from pathlib import Path
 from typing import Any
 
 from llumigrate.controller.coordinator import Coordinator, MigrationResult
+from llumigrate.controller.failover import replay
 from llumigrate.controller.instance import Instance, spawn_agent
+from llumigrate.controller.listener import ClusterListener
 from llumigrate.controller.request import RequestHandle
-from llumigrate.errors import ConfigError, InstanceLost, MigrationRefused, RequestNotFound
+from llumigrate.errors import ConfigError, InstanceLost, InstanceNotFound, MigrationRefused, RequestNotFound
+from llumigrate.migration.faults import FaultHook
 from llumigrate.migration.protocol import MigrationConfig
 
 logger = logging.getLogger(__name__)
 
 
-def cpu_binding(index: int) -> dict[str, str]:
-    """Pin a CPU engine's compute threads to its own core (vLLM's default
-    binds every engine on a host to the same core). The operator's own
-    VLLM_CPU_OMP_THREADS_BIND wins."""
+def cpu_threads(num_instances: int) -> dict[str, str]:
+    """CPU engines: an even share of this host's cores each, left to the OS
+    scheduler. vLLM's default binds every engine on a host to the same cores;
+    pinning each engine to its own core instead starves the control plane
+    (agents, engine cores, KV transfers float over the same cores), which
+    stalls single engine steps for seconds. The operator's own
+    VLLM_CPU_OMP_THREADS_BIND / OMP_NUM_THREADS win."""
     if "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
         return {}
-    cores = sorted(os.sched_getaffinity(0))
-    return {"VLLM_CPU_OMP_THREADS_BIND": str(cores[index % len(cores)])}
+    cores = len(os.sched_getaffinity(0))
+    return {"VLLM_CPU_OMP_THREADS_BIND": "nobind",
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS",
+                                              str(max(1, cores // max(1, num_instances))))}
 
 
 class Cluster:
     def __init__(self, model: str, num_instances: int = 2, engine_args: list[str] | None = None,
                  *, run_dir: str | Path | None = None, migration: MigrationConfig | None = None,
-                 kv_transport: str = "auto", token: str | None = None) -> None:
-        if num_instances < 1:
-            raise ConfigError(f"num_instances must be >= 1, got {num_instances}")
+                 kv_transport: str = "auto", token: str | None = None, failover: bool = True,
+                 listener: ClusterListener | None = None, fault: FaultHook | None = None) -> None:
+        if num_instances < 0:
+            raise ConfigError(f"num_instances must be >= 0, got {num_instances}")
         self.model = model
         self.num_instances = num_instances
         self.engine_args = list(engine_args or [])
@@ -53,31 +66,65 @@ class Cluster:
         self.migration_config = migration or MigrationConfig()
         self.kv_transport = kv_transport
         self.token = token
+        self.failover = failover
+        self.listener = listener or ClusterListener()
+        self.fault = fault
         self.instances: dict[str, Instance] = {}
         self.requests: dict[str, RequestHandle] = {}
         self._routes: dict[str, RequestHandle] = {}   # engine rid -> handle
         self._ids = itertools.count()
         self.migrations: list[MigrationResult] = []
         self._closing = False
+        self._tasks: set[asyncio.Task] = set()
 
     # -- lifecycle -------------------------------------------------------------
     async def start(self) -> Cluster:
-        ids = [f"i{n}" for n in range(self.num_instances)]
         # NOTE: engines start one after another: on a small machine parallel
         # starts compete for the same cores and memory profiling.
-        for n, iid in enumerate(ids):
-            inst = await spawn_agent(iid, self.model, self.engine_args, self.run_dir,
-                                     token=self.token, kv_transport=self.kv_transport,
-                                     env=cpu_binding(n))
-            await self.add_instance(inst)
+        for n in range(self.num_instances):
+            await self.spawn(f"i{n}", env=cpu_threads(self.num_instances))
         return self
 
+    async def spawn(self, instance_id: str, env: dict[str, str] | None = None) -> Instance:
+        """Start a local agent and add it."""
+        if instance_id in self.instances:
+            raise ConfigError(f"instance id {instance_id!r} already in use")
+        inst = await spawn_agent(instance_id, self.model, self.engine_args, self.run_dir,
+                                 token=self.token, kv_transport=self.kv_transport, env=env)
+        await self.add_instance(inst)
+        return inst
+
+    async def attach(self, instance_id: str, host: str, port: int) -> Instance:
+        """Add an agent that runs elsewhere (e.g. `llumigrate instance` on another host)."""
+        old = self.instances.get(instance_id)
+        if old is not None and old.up:
+            raise ConfigError(f"instance id {instance_id!r} already in use")
+        inst = Instance(instance_id, host, port)
+        await self.add_instance(inst)
+        return inst
+
     async def add_instance(self, inst: Instance) -> None:
-        await inst.connect(self._on_event, lambda: self._on_lost(inst), token=self.token)
+        await inst.connect(self._on_event, lambda: self._on_lost(inst, "connection lost"),
+                           token=self.token)
         self.instances[inst.instance_id] = inst
+        self._notify("on_instance_up", inst.instance_id, inst.info)
+
+    async def remove_instance(self, instance_id: str) -> None:
+        """Forget an instance that has no unfinished requests (drain it first)."""
+        inst = self.get_instance(instance_id)
+        busy = [h.request_id for h in self.requests.values()
+                if h.instance_id == instance_id and not h.finished]
+        if busy and inst.up:
+            raise MigrationRefused(f"{instance_id} still runs {len(busy)} requests; drain it first")
+        inst.removed = True
+        await inst.close()
+        self.instances.pop(instance_id, None)
+        self._notify("on_instance_down", instance_id, "removed")
 
     async def close(self) -> None:
         self._closing = True
+        for t in list(self._tasks):
+            t.cancel()
         await asyncio.gather(*(i.close() for i in self.instances.values()), return_exceptions=True)
 
     async def __aenter__(self) -> Cluster:
@@ -105,31 +152,48 @@ class Cluster:
             self.requests.pop(rid, None)
             self._routes.pop(h.engine_rid, None)
             raise
+        self._notify("on_dispatch", h, inst.instance_id)
         return h
 
     async def abort(self, request_id: str) -> None:
-        h = self._request(request_id)
+        h = self.get_request(request_id)
         h.abort_requested = True  # a migration in flight checks this before it commits
         if not h.finished:
-            await self.instances[h.instance_id].call("abort", rid=h.engine_rid)
+            inst = self.instances.get(h.instance_id)
+            if inst is None or not inst.up:
+                h.finish("abort")
+                return
+            await inst.call("abort", rid=h.engine_rid)
 
     async def migrate(self, request_id: str, destination: str | None = None,
                       config: MigrationConfig | None = None) -> MigrationResult:
-        h = self._request(request_id)
+        h = self.get_request(request_id)
         h.check_migratable()
         src = self._instance(h.instance_id)
         dst = self._instance(destination) if destination else self._pick(exclude=src.instance_id)
         if dst is src:
             raise MigrationRefused("destination is the request's current instance")
+        if dst.draining:
+            raise MigrationRefused(f"destination {dst.instance_id} is draining")
         h.migrating = True
+        src.migrations_out += 1
+        dst.migrations_in += 1
+        rid, s_id, d_id = h.request_id, src.instance_id, dst.instance_id
         try:
-            result = await Coordinator(h, src, dst, config or self.migration_config,
-                                       self._set_hop).run()
+            result = await Coordinator(
+                h, src, dst, config or self.migration_config, self._set_hop,
+                on_stage=lambda stage: self._notify("on_migration_stage", rid, s_id, d_id, stage),
+                fault=self.fault, on_source_lost=self._failover if self.failover else None).run()
         finally:
             h.migrating = False
+            src.migrations_out -= 1
+            dst.migrations_in -= 1
         if result.committed:
             h.num_migrations += 1
         self.migrations.append(result)
+        self._notify("on_migration_done", result)
+        if not h.finished and not self.instances[h.instance_id].up:
+            self._lost_request(h, f"instance {h.instance_id} lost during a migration")
         return result
 
     # -- state -----------------------------------------------------------------
@@ -140,47 +204,126 @@ class Cluster:
     async def worker_status(self, instance: str) -> dict:
         return await self._instance(instance).call("status")
 
+    def drain(self, instance_id: str) -> Instance:
+        """No new requests go to the instance; the scheduler moves its requests away."""
+        inst = self.get_instance(instance_id)
+        inst.draining = True
+        return inst
+
+    def undrain(self, instance_id: str) -> Instance:
+        inst = self.get_instance(instance_id)
+        inst.draining = False
+        return inst
+
     # -- internals ---------------------------------------------------------------
     def _set_hop(self, h: RequestHandle, inst: Instance, hop: int) -> None:
         h.hop, h.instance_id = hop, inst.instance_id
         self._routes[h.engine_rid] = h
 
     def _on_event(self, msg: dict) -> None:
-        if msg.get("event") != "out":
+        kind = msg.get("event")
+        if kind == "load":
+            self._on_load(msg)
+            return
+        if kind != "out":
             return
         h = self._routes.get(msg.get("rid"))
         if h is None or h.engine_rid != msg["rid"]:
             return  # a stale hop (stopped for migration) or a carrier
-        h.append(msg.get("tokens") or [])
+        if not h.append(msg.get("tokens") or []):
+            self._spawn(self._abort_diverged(h))
+            return
         if msg.get("finished"):
             self._routes.pop(msg["rid"], None)
             h.finish(msg.get("reason"), msg.get("stop_reason"), msg.get("error"))
+            self._notify("on_finished", h)
 
-    def _on_lost(self, inst: Instance) -> None:
-        inst.up = False
-        if self._closing:
+    def _on_load(self, msg: dict) -> None:
+        inst = self.instances.get(str(msg.get("instance_id")))
+        load = msg.get("load")
+        if inst is None or not isinstance(load, dict):
             return
-        logger.error("instance %s lost", inst.instance_id)
+        inst.load, inst.reported_at = load, asyncio.get_running_loop().time()
+        self._notify("on_load", inst.instance_id, load)
+
+    def _on_lost(self, inst: Instance, reason: str) -> None:
+        inst.up = False
+        if self._closing or inst.removed:
+            return
+        logger.error("instance %s lost: %s", inst.instance_id, reason)
+        self._notify("on_instance_down", inst.instance_id, reason)
         for h in list(self.requests.values()):
             if h.instance_id == inst.instance_id and not h.finished and not h.migrating:
-                h.finish("error", error=f"instance {inst.instance_id} lost")
+                self._lost_request(h, f"instance {inst.instance_id} lost")
 
-    def _instance(self, iid: str) -> Instance:
+    def _lost_request(self, h: RequestHandle, reason: str) -> None:
+        if not self.failover:
+            h.finish("error", error=reason)
+            self._notify("on_finished", h)
+            return
+
+        async def go() -> None:
+            if not await self._failover(h):
+                h.finish("error", error=f"{reason}; no instance to fail over to")
+                self._notify("on_finished", h)
+        self._spawn(go())
+
+    async def _failover(self, h: RequestHandle) -> bool:
+        """Replay `h` on another live instance; False if there is none."""
+        source = h.instance_id
+        try:
+            dst = self._pick(exclude=source)
+        except InstanceLost:
+            return False
+        self._notify("on_failover", h, source, dst.instance_id)
+        try:
+            await replay(h, dst, self._set_hop)
+        except Exception as e:
+            logger.error("failover of %s to %s failed: %s", h.request_id, dst.instance_id, e)
+            return False
+        return True
+
+    async def _abort_diverged(self, h: RequestHandle) -> None:
+        inst = self.instances.get(h.instance_id)
+        h.finish("error", error="failover replay diverged from the tokens already streamed")
+        self._notify("on_finished", h)
+        if inst is not None and inst.up:
+            await inst.call("abort", rid=h.engine_rid)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _notify(self, method: str, *args: Any) -> None:
+        try:
+            getattr(self.listener, method)(*args)
+        except Exception:  # a listener never breaks the data path
+            logger.exception("cluster listener %s failed", method)
+
+    def get_instance(self, iid: str) -> Instance:
+        """The instance `iid`, up or down; InstanceNotFound if unknown."""
         inst = self.instances.get(iid)
         if inst is None:
-            raise InstanceLost(f"no instance {iid!r}; have {sorted(self.instances)}")
+            raise InstanceNotFound(f"no instance {iid!r}; have {sorted(self.instances)}")
+        return inst
+
+    def _instance(self, iid: str) -> Instance:
+        inst = self.get_instance(iid)
         if not inst.up:
             raise InstanceLost(f"instance {iid!r} is down")
         return inst
 
-    def _request(self, request_id: str) -> RequestHandle:
+    def get_request(self, request_id: str) -> RequestHandle:
+        """The request `request_id` (finished or not); RequestNotFound if unknown."""
         h = self.requests.get(request_id)
         if h is None:
             raise RequestNotFound(f"no request {request_id!r}")
         return h
 
     def _pick(self, exclude: str | None = None) -> Instance:
-        live = [i for i in self.instances.values() if i.up and i.instance_id != exclude]
+        live = [i for i in self.instances.values()
+                if i.up and not i.draining and i.instance_id != exclude]
         if not live:
             raise InstanceLost("no live instance to use")
         # Fewest of our unfinished requests; ties go to the lowest id.

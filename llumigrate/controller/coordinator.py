@@ -8,12 +8,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from llumigrate.controller.instance import Instance
 from llumigrate.controller.request import RequestHandle
 from llumigrate.engine.params import SealedRequest
 from llumigrate.errors import InstanceLost, LlumigrateError, MigrationAborted, MigrationRefused
+from llumigrate.migration.faults import FaultContext, FaultHook, FaultPoint
 from llumigrate.migration.protocol import Action, Migration, MigrationConfig, State
 
 logger = logging.getLogger(__name__)
@@ -54,11 +56,21 @@ class MigrationResult:
 
 
 class Coordinator:
+    """`on_hop(req, instance, hop)` routes a new hop's events; `on_stage(name)`
+    is told as each step starts; `fault` (tests and the stress harness only)
+    is awaited before each step; `on_source_lost(req)` takes over a request
+    whose source died after it was stopped (failover), instead of failing it."""
+
     def __init__(self, req: RequestHandle, src: Instance, dst: Instance,
-                 config: MigrationConfig, on_hop: callable) -> None:
+                 config: MigrationConfig, on_hop: Callable[..., None], *,
+                 on_stage: Callable[[str], None] | None = None, fault: FaultHook | None = None,
+                 on_source_lost: Callable[[RequestHandle], Awaitable[bool]] | None = None) -> None:
         self.req, self.src, self.dst, self.config = req, src, dst, config
         self.m = Migration(config)
         self.on_hop = on_hop
+        self.on_stage = on_stage
+        self.fault = fault
+        self.on_source_lost = on_source_lost
         self.result = MigrationResult(req.request_id, src.instance_id, dst.instance_id, "")
         self.sealed: SealedRequest | None = None
         self.old_rid = req.engine_rid
@@ -91,7 +103,14 @@ class Coordinator:
     def _mark(self, name: str) -> None:
         self._marks[name] = time.monotonic()
 
+    async def _inject(self, point: FaultPoint, stage: int = 0) -> None:
+        if self.fault is not None:
+            await self.fault(point, FaultContext(self.req.request_id, self.src.instance_id,
+                                                 self.dst.instance_id, stage))
+
     async def _timed(self, name: str, coro) -> None:
+        if self.on_stage is not None:
+            self.on_stage(name)
         t = time.monotonic()
         try:
             await coro
@@ -100,6 +119,7 @@ class Coordinator:
 
     # -- steps -----------------------------------------------------------------
     async def _reserve(self) -> None:
+        await self._inject(FaultPoint.BEFORE_RESERVE)
         info = await self.dst.call("info", rpc_timeout=self.m.timeout_for())
         bs = self.dst.block_size
         need = -(-(len(self.req.all_token_ids) + bs) // bs)
@@ -130,10 +150,14 @@ class Coordinator:
                 return
             n = full_blocks * bs
             key = f"{self.new_rid}/pre{self.m.stages_done}"
+            await self._inject(FaultPoint.PRECOPY, self.m.stages_done)
             res = await self.dst.call(
                 "precopy", rpc_timeout=self.m.timeout_for() + 5, key=key, tokens=tokens[: n + 1],
                 load=self._load(self.old_rid, n, final=False), timeout=self.m.timeout_for())
             self.result.blocks_per_stage.append(int(res["loaded"]) // bs)
+            logger.debug("%s pre-copy stage %d: %d blocks loaded, %d hit, %d output tokens",
+                         self.req.request_id, self.m.stages_done, int(res["loaded"]) // bs,
+                         int(res["hit"]) // bs, len(self.req.output_token_ids))
             self.m.on_stage_done(full_blocks)
 
     async def _stop(self) -> None:
@@ -141,6 +165,7 @@ class Coordinator:
         self.result.stopped_at = time.monotonic()
         self._mark("stop_sent")
         self._before_stop_at = req.last_token_at
+        await self._inject(FaultPoint.STOP)
         res = await self.src.call("stop", rpc_timeout=self.m.timeout_for() + 2, rid=self.old_rid,
                                   timeout=self.m.timeout_for())
         if "finished" in res:  # it finished on the source before the stop landed
@@ -167,6 +192,7 @@ class Coordinator:
             raise MigrationAborted("client aborted the request", "committing")
         n_before = len(req.output_token_ids)
         self.on_hop(req, self.dst, req.hop + 1)  # route the new hop's events from here on
+        await self._inject(FaultPoint.COMMIT)
         self._mark("commit_sent")
         await self.dst.call("generate", rpc_timeout=self.m.timeout_for(), rid=self.new_rid,
                             prompt_token_ids=s.tokens, sampling=sampling, priority=req.priority,
@@ -194,6 +220,7 @@ class Coordinator:
         self.m.on_committed()
 
     async def _release(self) -> None:
+        await self._inject(FaultPoint.RELEASE)
         try:
             await self.src.call("release", rpc_timeout=self.m.timeout_for(), rid=self.old_rid)
         except (LlumigrateError, asyncio.TimeoutError) as e:
@@ -234,6 +261,10 @@ class Coordinator:
         try:
             await self._resume_on_source()
         except Exception as e:
+            if not self.src.up and self.on_source_lost is not None and await self.on_source_lost(req):
+                logger.warning("source of %s died while stopped; failed over", req.request_id)
+                self.m.on_resumed()
+                return
             logger.error("could not resume %s on its source: %s", req.request_id, e)
             req.finish("error", error=f"migration rollback failed: {e}")
             try:

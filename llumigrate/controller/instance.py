@@ -29,6 +29,12 @@ class Instance:
     log_path: Path | None = None
     client: RpcClient | None = None
     up: bool = True
+    draining: bool = False
+    removed: bool = False        # left the cluster on purpose (not lost)
+    load: dict = field(default_factory=dict)    # latest pushed load report
+    reported_at: float = 0.0     # event-loop time of that report
+    migrations_in: int = 0       # migrations in flight to / from here
+    migrations_out: int = 0
 
     @property
     def kv_address(self) -> tuple[str, int]:
@@ -48,6 +54,8 @@ class Instance:
         self.client = RpcClient(on_event=on_event, on_lost=on_lost)
         await self.client.connect(self.host, self.port, token=token)
         self.info = await self.call("info")
+        self.load = dict(self.info.get("load") or {})
+        self.reported_at = asyncio.get_running_loop().time()
 
     async def refresh(self) -> dict:
         self.info = await self.call("info")

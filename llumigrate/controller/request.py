@@ -37,6 +37,9 @@ class RequestHandle:
     migrating: bool = False
     abort_requested: bool = False
     num_migrations: int = 0
+    num_failovers: int = 0
+    # Tokens a failover replay will produce again: checked and not re-streamed.
+    replay_expected: list[int] = field(default_factory=list)
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     last_token_at: float | None = None
@@ -54,9 +57,17 @@ class RequestHandle:
         return self.prompt_token_ids + self.output_token_ids
 
     # -- fed by the controller ---------------------------------------------------
-    def append(self, tokens: list[int]) -> None:
+    def append(self, tokens: list[int]) -> bool:
+        """Add a hop's new tokens. False if they contradict the tokens a
+        failover replay was expected to reproduce (nothing is added then)."""
+        if self.replay_expected and tokens:
+            n = min(len(tokens), len(self.replay_expected))
+            if list(tokens[:n]) != self.replay_expected[:n]:
+                return False
+            del self.replay_expected[:n]
+            tokens = tokens[n:]
         if not tokens:
-            return
+            return True
         now = time.monotonic()
         if self.first_token_at is None:
             self.first_token_at = now
@@ -65,6 +76,7 @@ class RequestHandle:
         self.output_token_ids.extend(tokens)
         self._queue.put_nowait(StreamDelta(list(tokens)))
         self._token_event.set()
+        return True
 
     def finish(self, reason: str | None, stop_reason: object = None, error: str | None = None) -> None:
         if self.finished:

@@ -45,6 +45,10 @@ class LlumigrateConnector(KVConnectorBase_V1):
         assert self._scheduler is not None
         return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
 
+    def bind_gpu_block_pool(self, gpu_block_pool: Any) -> None:
+        assert self._scheduler is not None
+        self._scheduler.bind_block_pool(gpu_block_pool)
+
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         assert self._scheduler is not None
         self._scheduler.update_state_after_alloc(request, blocks, num_external_tokens)

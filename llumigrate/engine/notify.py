@@ -9,6 +9,8 @@ depends on are pushed instead, the moment they happen:
              list and computed count, and whether a sampler state follows.
 - `held_gen` (worker side): the sampler state of a stopped seeded request.
 - `tracked`  (scheduler side): the scheduler will now hold these keys on abort.
+- `blocks`   (scheduler side): the block pool's free count changed (also
+             while the engine is idle, when vLLM reports no stats).
 
 Frames are a 4-byte big-endian length and a msgpack map (never pickle). The
 socket lives in a 0700 directory the agent created, so only its own user can
@@ -27,6 +29,7 @@ import struct
 import tempfile
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -87,6 +90,11 @@ class NotifyListener:
         self._server: asyncio.base_events.Server | None = None
         self._unclaimed: OrderedDict[tuple[str, str], dict] = OrderedDict()
         self._waiters: dict[tuple[str, str], asyncio.Future] = {}
+        self._handlers: dict[str, Callable[[dict], None]] = {}
+
+    def on(self, kind: str, handler: Callable[[dict], None]) -> None:
+        """Deliver every notification of `kind` to `handler` (not to waiters)."""
+        self._handlers[kind] = handler
 
     async def start(self) -> None:
         self._server = await asyncio.start_unix_server(self._serve, path=self.path)
@@ -108,6 +116,10 @@ class NotifyListener:
 
     def _deliver(self, msg: dict) -> None:
         ident = (str(msg.pop("kind", "")), str(msg.pop("key", "")))
+        handler = self._handlers.get(ident[0])
+        if handler is not None:
+            handler(msg)
+            return
         fut = self._waiters.get(ident)
         if fut is not None and not fut.done():
             fut.set_result(msg)
@@ -126,8 +138,8 @@ class NotifyListener:
                 msg = msgpack.unpackb(await reader.readexactly(size), raw=False)
                 if isinstance(msg, dict):
                     self._deliver(msg)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass  # the engine went away, or the agent is shutting down
         finally:
             writer.close()
 

@@ -78,8 +78,6 @@ class _LoadLogger(StatLoggerBase):
             s = self.sink
             s.num_running = scheduler_stats.num_running_reqs
             s.num_waiting = scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs
-            s.kv_cache_usage = scheduler_stats.kv_cache_usage
-            s.free_blocks = round((1.0 - s.kv_cache_usage) * s.num_blocks)
             s.steps += 1
 
     def log_engine_initialized(self) -> None:
@@ -160,6 +158,14 @@ class EngineRuntime:
 
     async def abort(self, request_id: str) -> None:
         await self.llm.abort(request_id)
+
+    def set_free_blocks(self, free: int) -> None:
+        """The block pool's own free count (pushed by the connector): exact
+        even while the engine is idle, when vLLM's stats go stale."""
+        with self._lock:
+            s = self.load
+            s.free_blocks = max(0, min(s.num_blocks, free))
+            s.kv_cache_usage = 1.0 - s.free_blocks / s.num_blocks if s.num_blocks else 0.0
 
     def snapshot(self) -> Load:
         with self._lock:

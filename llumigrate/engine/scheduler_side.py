@@ -9,6 +9,8 @@ aborted (stop-and-copy) until a worker reports the final pull done.
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
 from llumigrate.engine.meta import HeldRequest, LoadJob, SchedulerMeta, WorkerMeta
@@ -20,6 +22,10 @@ from llumigrate.engine.vllm_compat import is_aborted, is_seeded, yield_req_data
 # that computes the request's first token on the destination (one engine step
 # less downtime than an async load); larger ones load in the background.
 SYNC_LOAD_MAX_BLOCKS = 8
+# How often the free-block count is checked (and pushed to the agent when it
+# changed). vLLM's own stats only come with engine steps, so an idle engine's
+# figure would stay stale after an abort freed blocks.
+BLOCK_REPORT_S = 0.05
 
 
 class SchedulerSide:
@@ -35,6 +41,27 @@ class SchedulerSide:
         self._failed: set[str] = set()
         self._tracked: set[str] = set()          # keys held on abort
         self._meta = SchedulerMeta()
+        self._pool: Any = None
+        self._reporter: threading.Thread | None = None
+
+    def bind_block_pool(self, pool: Any) -> None:
+        """vLLM's block pool (public connector hook): report its free blocks."""
+        self._pool = pool
+        if self.notifier.path and self._reporter is None:
+            self._reporter = threading.Thread(target=self._report_blocks, daemon=True,
+                                              name="llumigrate-blocks")
+            self._reporter.start()
+
+    def _report_blocks(self) -> None:
+        last = None
+        while True:
+            # NOTE: a read of the pool's free count from another thread: one
+            # int, at worst one step stale; the engine thread is not disturbed.
+            free = int(self._pool.get_num_free_blocks())
+            if free != last:
+                self.notifier.send("blocks", "", free=free)
+                last = free
+            time.sleep(BLOCK_REPORT_S)
 
     # -- admission ---------------------------------------------------------
     def on_new_request(self, request: Any) -> None:

@@ -68,6 +68,7 @@ class WorkerSide:
         self._snapshots: dict[str, OrderedDict[int, bytes]] = {}
         self._state_refs: dict[str, Any] = {}
         self._released: set[str] = set()             # req_ids to report finished_sending
+        self._release_pending: dict[str, float] = {}  # key -> until: release when held arrives
         self._loads_done: set[str] = set()
         self._loads_failed: set[str] = set()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llumigrate-load")
@@ -111,6 +112,9 @@ class WorkerSide:
             for held in meta.held:
                 h = self._held[held.key] = _Held(held, self._generator_state_for(held),
                                                   time.monotonic() + self.hold_lease_s)
+                if self._release_pending.pop(held.key, None) is not None:
+                    self._release_locked(held.key)  # released before it got here
+                    continue
                 new_held.append(h)
             self._snapshot_generators()
             self._lock.notify_all()
@@ -148,6 +152,9 @@ class WorkerSide:
                     del self._by_key[entry.key]
                     if entry.key not in self._held:
                         self._forget_key(entry.key)
+            for key, until in list(self._release_pending.items()):
+                if until < now:
+                    del self._release_pending[key]
             for key, held in list(self._held.items()):
                 if held.deadline < now:
                     logger.warning("hold on %s expired; releasing its blocks", key)
@@ -197,8 +204,14 @@ class WorkerSide:
                                  len(r.block_ids), held.generator_state).to_wire()
 
     def release(self, key: str) -> bool:
+        """Free the held blocks of stopped `key`. The hold may not have reached
+        this worker yet (the scheduler holds at the abort; the worker hears of
+        it one step later): then it is released the moment it arrives."""
         with self._lock:
-            return self._release_locked(key)
+            if self._release_locked(key):
+                return True
+            self._release_pending[key] = time.monotonic() + self.hold_lease_s
+            return False
 
     def status(self) -> dict:
         with self._lock:

@@ -1,0 +1,129 @@
+"""Serve N vLLM instances behind one OpenAI endpoint, with live migration.
+
+    llumigrate serve [MODEL] --num-instances N [llumigrate options] [vLLM engine arguments ...]
+
+A drop-in for `vllm serve`: MODEL (default: the built-in tiny model) and every
+argument llumigrate does not know go to each vLLM engine unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from llumigrate.control.server import DEFAULT_ADDRESS
+from llumigrate.errors import ConfigError
+from llumigrate.migration.protocol import MigrationConfig
+from llumigrate.scheduler import DISPATCH_POLICIES, MIGRATION_POLICIES, SchedulerConfig
+
+# On a CPU-only machine vLLM refuses to size its KV cache by itself.
+CPU_KV_CACHE_BYTES = 256 << 20
+TINY_ENGINE_DEFAULTS = ("--dtype", "float32", "--enforce-eager")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", dest="model_flag", help="same as MODEL")
+    p.add_argument("--num-instances", type=int, default=2)
+    p.add_argument("--host", default="127.0.0.1", help="OpenAI endpoint bind address")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("LLUMIGRATE_API_KEY"),
+                   help="required of HTTP clients; needed to bind off loopback")
+    p.add_argument("--served-model-name")
+    p.add_argument("--control-address", default=DEFAULT_ADDRESS, help="gRPC control API HOST:PORT")
+    p.add_argument("--token", default=os.environ.get("LLUMIGRATE_TOKEN"),
+                   help="control API and agent token; needed to bind off loopback")
+    p.add_argument("--dispatch-policy", default="least-load", choices=DISPATCH_POLICIES)
+    p.add_argument("--migration-policies", default=",".join(MIGRATION_POLICIES),
+                   help=f"comma-separated subset of {','.join(MIGRATION_POLICIES)} (empty: none)")
+    p.add_argument("--scheduler-interval", type=float, default=0.5, help="seconds between migration rounds")
+    p.add_argument("--precopy-stages", type=int, default=MigrationConfig.max_precopy_stages)
+    p.add_argument("--no-failover", action="store_true", help="fail a lost instance's requests")
+    p.add_argument("--kv-transport", default="auto", choices=["auto", "shm", "tcp"])
+    p.add_argument("--log-level", default="info")
+
+
+def split_argv(argv: list[str]) -> tuple[str | None, list[str]]:
+    """MODEL, if the first argument is one, and the rest."""
+    if argv and not argv[0].startswith("-"):
+        return argv[0], argv[1:]
+    return None, argv
+
+
+def engine_defaults(engine_args: list[str], builtin_model: bool) -> list[str]:
+    args = list(engine_args)
+    if builtin_model:
+        for flag, value in zip(TINY_ENGINE_DEFAULTS[::2], TINY_ENGINE_DEFAULTS[1::2]):
+            if flag not in args:
+                args += [flag, value]
+        if "--enforce-eager" not in args:
+            args.append("--enforce-eager")
+    import torch
+    if not torch.cuda.is_available() and not any(a.startswith("--kv-cache-memory") for a in args):
+        args += ["--kv-cache-memory-bytes", str(CPU_KV_CACHE_BYTES)]
+    return args
+
+
+def build_config(args: argparse.Namespace, model: str | None, engine_args: list[str]):
+    from llumigrate.serve.service import ServeConfig
+
+    builtin = model is None
+    if builtin:
+        from llumigrate.model.tiny import ensure_tiny_model
+        model = str(ensure_tiny_model())
+    policies = [p for p in args.migration_policies.split(",") if p]
+    return ServeConfig(
+        model=model, num_instances=args.num_instances,
+        engine_args=tuple(engine_defaults(engine_args, builtin)),
+        served_model_name=args.served_model_name, host=args.host, port=args.port,
+        api_key=args.api_key, control_address=args.control_address, token=args.token,
+        scheduler=SchedulerConfig(dispatch_policy=args.dispatch_policy, migration_policies=policies),
+        migration=MigrationConfig(max_precopy_stages=args.precopy_stages),
+        interval_s=args.scheduler_interval, failover=not args.no_failover,
+        kv_transport=args.kv_transport, log_level=args.log_level)
+
+
+async def serve(config) -> int:
+    from llumigrate.serve.service import Service
+
+    service = Service(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"[llumigrate] starting {config.num_instances} instance(s) of {config.model} ...", flush=True)
+    try:
+        await service.start()
+        print(f"[llumigrate] OpenAI endpoint http://{config.host}:{service.http_port}/v1  "
+              f"control API {config.control_address.rsplit(':', 1)[0]}:{service.control_port}  "
+              f"run dir {service.run_dir}", flush=True)
+        await stop.wait()
+    finally:
+        print("[llumigrate] shutting down ...", flush=True)
+        await service.stop()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = build_config(args, args.model or args.model_flag, args.engine_args)
+    except ConfigError as e:
+        print(f"llumigrate serve: {e}", file=sys.stderr)
+        return 2
+    return asyncio.run(serve(config))
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """`llumigrate serve` parses for itself: unknown arguments are vLLM's."""
+    p = argparse.ArgumentParser(prog="llumigrate serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    model, rest = split_argv(argv)
+    args, engine_args = p.parse_known_args(rest)
+    args.model, args.engine_args = model, engine_args
+    return args

@@ -1,0 +1,60 @@
+"""Cluster state -> the scheduler's immutable snapshots (`scheduler.snapshot`).
+
+Load figures come from each instance's latest pushed report. Requests come
+from the controller's own handles, which know more than a report does: a
+request dispatched after the last report is counted as waiting demand there
+even though the engine has not said so yet.
+"""
+
+from __future__ import annotations
+
+from llumigrate.controller.cluster import Cluster
+from llumigrate.controller.instance import Instance
+from llumigrate.controller.request import RequestHandle
+from llumigrate.errors import MigrationRefused
+from llumigrate.scheduler import ClusterSnapshot, InstanceSnapshot, RequestSnapshot
+
+DEFAULT_BLOCK_SIZE = 16
+
+
+def request_snapshot(h: RequestHandle, waiting: bool) -> RequestSnapshot:
+    try:
+        h.check_migratable()
+        migratable = True
+    except MigrationRefused:
+        migratable = False
+    return RequestSnapshot(h.request_id, h.instance_id, h.priority, len(h.prompt_token_ids),
+                           len(h.output_token_ids), h.sampling.get("max_tokens"),
+                           "waiting" if waiting else "running", h.migrating,
+                           migratable and not waiting)
+
+
+def instance_snapshot(inst: Instance, handles: list[RequestHandle]) -> InstanceSnapshot:
+    load = inst.load or {}
+    bs = int(inst.info.get("block_size") or DEFAULT_BLOCK_SIZE)
+    # Not started yet: dispatched after the last report (the engine could not
+    # know them), or among the engine's reported waiting queue (oldest first).
+    fresh = [h for h in handles if not h.output_token_ids and h.arrival > inst.reported_at]
+    queued = sorted((h for h in handles if not h.output_token_ids and h not in fresh),
+                    key=lambda h: h.arrival)[: int(load.get("num_waiting", 0))]
+    waiting_ids = {id(h) for h in fresh + queued}
+    reqs = tuple(request_snapshot(h, id(h) in waiting_ids) for h in handles)
+    waiting = sorted((r for r, h in zip(reqs, handles) if id(h) in waiting_ids),
+                     key=lambda r: r.request_id)
+    demand = sum(r.blocks(bs) for r in waiting)
+    head = min(fresh + queued, key=lambda h: h.arrival, default=None)
+    num_blocks = int(load.get("num_blocks", 0))
+    return InstanceSnapshot(
+        inst.instance_id, num_blocks, min(num_blocks, int(load.get("free_blocks", 0))), bs,
+        int(load.get("num_running", 0)), int(load.get("num_waiting", 0)) + len(fresh), demand,
+        request_snapshot(head, True).blocks(bs) if head else 0, inst.draining, inst.up,
+        inst.migrations_in, inst.migrations_out, reqs, inst.reported_at)
+
+
+def cluster_snapshot(cluster: Cluster, now: float) -> ClusterSnapshot:
+    by_instance: dict[str, list[RequestHandle]] = {iid: [] for iid in cluster.instances}
+    for h in cluster.requests.values():
+        if not h.finished and h.instance_id in by_instance:
+            by_instance[h.instance_id].append(h)
+    return ClusterSnapshot(tuple(instance_snapshot(inst, by_instance[iid])
+                                 for iid, inst in sorted(cluster.instances.items())), now)
