@@ -1,8 +1,9 @@
 """Run one instance agent: `python -m llumigrate.agent --model M [--] [vLLM engine args]`.
 
 Writes `{"host", "port", "pid"}` as JSON to --ready-file once serving. Exits
-on SIGTERM/SIGINT, on the `shutdown` RPC, or when its parent dies (when
---exit-with-parent is given), shutting its engine down first.
+on SIGTERM/SIGINT, on the `shutdown` RPC, when its parent dies (when
+--exit-with-parent is given), shutting its engine down first, or with status
+1 when its engine died.
 """
 
 from __future__ import annotations
@@ -68,10 +69,10 @@ async def _main(args: argparse.Namespace, engine_argv: list[str]) -> int:
     if args.exit_with_parent:
         loop.create_task(watch_parent())
     await stop.wait()
-    await agent.server.close()
+    await agent.server.close()  # controllers see this instance go before the engine is torn down
     runtime.shutdown()
     await notify.close()
-    return 0
+    return 1 if agent.engine_dead else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 
 # Fallback poll period of engine state the engine also pushes (engine/notify.py).
 POLL_S = 0.02
+# How often the agent checks that its engine is alive.
+ENGINE_WATCH_S = 0.2
 # Load reports: pushed to every controller this often while the engine steps,
 # and at least every HEARTBEAT_S when it is idle.
 REPORT_S = 0.1
@@ -55,14 +57,36 @@ class Agent:
         self.reqs: dict[str, _Req] = {}
         self.started = time.time()
         self.shutdown_event = asyncio.Event()  # set by the `shutdown` RPC
+        self.engine_dead = False  # the engine process died: this agent goes down
         self.server = RpcServer({name[4:]: getattr(self, name) for name in dir(self)
                                  if name.startswith("rpc_")})
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         self.kv = await self.rt.rpc("llumigrate_attach")
         addr = await self.server.start(host, port)
-        self._reporter = asyncio.get_running_loop().create_task(self._report_load())
+        loop = asyncio.get_running_loop()
+        self._reporter = loop.create_task(self._report_load())
+        self._watchdog = loop.create_task(self._watch_engine())
         return addr
+
+    async def _watch_engine(self) -> None:
+        """An agent without a live engine must not look alive: when the engine
+        dies, shut down, so controllers see this instance lost and fail its
+        requests over (instead of each request ending in an engine error)."""
+        while not self.shutdown_event.is_set():
+            if self._check_engine():
+                return
+            await asyncio.sleep(ENGINE_WATCH_S)
+
+    def _check_engine(self) -> bool:
+        """True (and shutting down) when the engine is dead."""
+        if not self.engine_dead and not _engine_errored(self.rt):
+            return False
+        if not self.engine_dead:
+            logger.error("engine of %s died; shutting the agent down", self.instance_id)
+            self.engine_dead = True
+            self.shutdown_event.set()
+        return True
 
     async def _report_load(self) -> None:
         """Push `load` events (the scheduler's load reports) to every connected
@@ -121,9 +145,11 @@ class Agent:
         except asyncio.CancelledError:
             reason = "abort"
         except Exception as e:  # engine error: report it as this request's end
-            logger.exception("request %s failed", req.rid)
             reason = "error"
-            if req.conn is not None and not req.stopping:
+            if self._check_engine():  # the agent goes down; controllers fail it over
+                logger.warning("request %s lost with the engine", req.rid)
+            elif req.conn is not None and not req.stopping:
+                logger.exception("request %s failed", req.rid)
                 await req.conn.push("out", rid=req.rid, tokens=[], finished=True, reason="error",
                                     error=str(e))
         finally:
@@ -243,6 +269,12 @@ class Agent:
     async def rpc_release(self, conn: Connection, rid: str) -> bool:
         return bool(await self.rt.rpc("llumigrate_release", rid))
 
+    async def rpc_inject_fault(self, conn: Connection, kind: str, seconds: float = 0.0) -> bool:
+        """Stress testing only: this engine's next KV pull fails mid-transfer
+        ("drop", or "stall" for `seconds` first); "clear" disarms. Returns True
+        when a fault armed earlier had not fired."""
+        return bool(await self.rt.rpc("llumigrate_fault", kind, float(seconds)))
+
     # -- migration: destination side -------------------------------------------------
     async def rpc_precopy(self, conn: Connection, key: str, tokens: list[int], load: dict,
                           timeout: float = 30.0) -> dict:
@@ -282,6 +314,11 @@ class Agent:
         if req is None or req.finished:
             raise RequestNotFound(f"no running request {rid!r} on {self.instance_id}")
         return req
+
+
+def _engine_errored(rt: EngineRuntime) -> bool:
+    """True once the engine's processes died (AsyncLLM marks itself errored)."""
+    return bool(getattr(getattr(rt, "llm", None), "errored", False))
 
 
 def _plain(value: Any) -> Any:

@@ -11,6 +11,7 @@ COMMANDS: dict[str, str] = {
     "serve": "llumigrate.cli.serve",
     "demo": "llumigrate.cli.demo",
     "make-tiny-model": "llumigrate.cli.make_tiny_model",
+    "stress": "llumigrate.cli.stress",
     # gRPC control API clients
     "instances": "llumigrate.control.commands.instances",
     "requests": "llumigrate.control.commands.requests",

@@ -72,6 +72,7 @@ class Cluster:
         self.instances: dict[str, Instance] = {}
         self.requests: dict[str, RequestHandle] = {}
         self._routes: dict[str, RequestHandle] = {}   # engine rid -> handle
+        self._hop_tokens: dict[str, int] = {}         # request id -> tokens of its current hop
         self._ids = itertools.count()
         self.migrations: list[MigrationResult] = []
         self._closing = False
@@ -142,7 +143,7 @@ class Cluster:
         if rid in self.requests:
             raise ConfigError(f"request id {rid!r} already in use")
         h = RequestHandle(rid, list(prompt_token_ids), dict(sampling or {}), priority,
-                          inst.instance_id)
+                          inst.instance_id, on_finish=lambda h: self._notify("on_finished", h))
         self.requests[rid] = h
         self._routes[h.engine_rid] = h
         try:
@@ -217,7 +218,8 @@ class Cluster:
 
     # -- internals ---------------------------------------------------------------
     def _set_hop(self, h: RequestHandle, inst: Instance, hop: int) -> None:
-        h.hop, h.instance_id = hop, inst.instance_id
+        h.hop, h.instance_id, h.hop_error = hop, inst.instance_id, None
+        self._hop_tokens[h.request_id] = 0
         self._routes[h.engine_rid] = h
 
     def _on_event(self, msg: dict) -> None:
@@ -230,13 +232,22 @@ class Cluster:
         h = self._routes.get(msg.get("rid"))
         if h is None or h.engine_rid != msg["rid"]:
             return  # a stale hop (stopped for migration) or a carrier
-        if not h.append(msg.get("tokens") or []):
+        tokens = msg.get("tokens") or []
+        if not h.append(tokens):
             self._spawn(self._abort_diverged(h))
+            return
+        self._hop_tokens[h.request_id] = self._hop_tokens.get(h.request_id, 0) + len(tokens)
+        if msg.get("finished") and msg.get("reason") == "error" and h.committing \
+                and not self._hop_tokens[h.request_id]:
+            # NOTE: a hop that fails before its first token while a migration
+            # commits it (e.g. its final KV load failed) is the migration's
+            # failure: the coordinator resumes the request on the source.
+            self._routes.pop(msg["rid"], None)
+            h.fail_hop(str(msg.get("error") or "destination request failed"))
             return
         if msg.get("finished"):
             self._routes.pop(msg["rid"], None)
             h.finish(msg.get("reason"), msg.get("stop_reason"), msg.get("error"))
-            self._notify("on_finished", h)
 
     def _on_load(self, msg: dict) -> None:
         inst = self.instances.get(str(msg.get("instance_id")))
@@ -259,13 +270,11 @@ class Cluster:
     def _lost_request(self, h: RequestHandle, reason: str) -> None:
         if not self.failover:
             h.finish("error", error=reason)
-            self._notify("on_finished", h)
             return
 
         async def go() -> None:
             if not await self._failover(h):
                 h.finish("error", error=f"{reason}; no instance to fail over to")
-                self._notify("on_finished", h)
         self._spawn(go())
 
     async def _failover(self, h: RequestHandle) -> bool:
@@ -286,7 +295,6 @@ class Cluster:
     async def _abort_diverged(self, h: RequestHandle) -> None:
         inst = self.instances.get(h.instance_id)
         h.finish("error", error="failover replay diverged from the tokens already streamed")
-        self._notify("on_finished", h)
         if inst is not None and inst.up:
             await inst.call("abort", rid=h.engine_rid)
 

@@ -192,19 +192,25 @@ class Coordinator:
             raise MigrationAborted("client aborted the request", "committing")
         n_before = len(req.output_token_ids)
         self.on_hop(req, self.dst, req.hop + 1)  # route the new hop's events from here on
-        await self._inject(FaultPoint.COMMIT)
-        self._mark("commit_sent")
-        await self.dst.call("generate", rpc_timeout=self.m.timeout_for(), rid=self.new_rid,
-                            prompt_token_ids=s.tokens, sampling=sampling, priority=req.priority,
-                            load=None if self.config.recompute else
-                            self._load(self.old_rid, s.num_kv_tokens, final=True),
-                            generator_state=s.generator_state)
-        self._mark("commit_acked")
-        if self.config.recompute:  # nothing will pull the held blocks
-            await self.src.call("release", rpc_timeout=5, rid=self.old_rid)
-        if req.abort_requested:  # aborted while the hop was being created
-            await self.dst.call("abort", rpc_timeout=5, rid=self.new_rid)
-        await req.wait_tokens(n_before + 1, timeout=self.m.timeout_for())
+        req.committing = True
+        try:
+            await self._inject(FaultPoint.COMMIT)
+            self._mark("commit_sent")
+            await self.dst.call("generate", rpc_timeout=self.m.timeout_for(), rid=self.new_rid,
+                                prompt_token_ids=s.tokens, sampling=sampling, priority=req.priority,
+                                load=None if self.config.recompute else
+                                self._load(self.old_rid, s.num_kv_tokens, final=True),
+                                generator_state=s.generator_state)
+            self._mark("commit_acked")
+            if self.config.recompute:  # nothing will pull the held blocks
+                await self.src.call("release", rpc_timeout=5, rid=self.old_rid)
+            if req.abort_requested:  # aborted while the hop was being created
+                await self.dst.call("abort", rpc_timeout=5, rid=self.new_rid)
+            await self._first_token(n_before)
+        finally:
+            req.committing = False
+        if req.hop_error is not None and len(req.output_token_ids) == n_before:
+            raise MigrationAborted(f"destination failed the request: {req.hop_error}", "committing")
         if req.finished and req.finish_reason in ("error", "abort") and \
                 len(req.output_token_ids) == n_before:
             raise MigrationAborted(f"destination failed the request ({req.finish_reason})",
@@ -218,6 +224,21 @@ class Coordinator:
             self.result.downtime_marks = {k: round(t - self._last_src_token_at, 6)
                                           for k, t in self._marks.items()}
         self.m.on_committed()
+
+    async def _first_token(self, n_before: int) -> None:
+        """Wait for the destination's first token (or the hop's end); fail
+        early when the destination is lost meanwhile."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.m.timeout_for()
+        while True:
+            try:
+                await self.req.wait_tokens(n_before + 1, timeout=min(0.5, max(0.0, deadline - loop.time())))
+                return
+            except asyncio.TimeoutError:
+                if not self.dst.up:
+                    raise InstanceLost(f"destination {self.dst.instance_id} lost during commit") from None
+                if loop.time() >= deadline:
+                    raise
 
     async def _release(self) -> None:
         await self._inject(FaultPoint.RELEASE)

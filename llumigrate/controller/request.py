@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from llumigrate.errors import MigrationRefused
@@ -38,12 +39,18 @@ class RequestHandle:
     abort_requested: bool = False
     num_migrations: int = 0
     num_failovers: int = 0
+    # Set when the current hop failed before producing a token while a migration
+    # was committing it: the coordinator rolls back instead of ending the stream.
+    hop_error: str | None = None
+    committing: bool = False     # a migration is committing the current hop
     # Tokens a failover replay will produce again: checked and not re-streamed.
     replay_expected: list[int] = field(default_factory=list)
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     last_token_at: float | None = None
     token_times: list[float] = field(default_factory=list)  # arrival time of each delta
+    # Told once, when the request finishes, whatever finished it (the cluster's listener).
+    on_finish: Callable[[RequestHandle], None] | None = field(default=None, repr=False)
     _queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     _done: asyncio.Event = field(default_factory=asyncio.Event)
     _token_event: asyncio.Event = field(default_factory=asyncio.Event)
@@ -79,6 +86,7 @@ class RequestHandle:
         return True
 
     def finish(self, reason: str | None, stop_reason: object = None, error: str | None = None) -> None:
+        """End the stream; only the first call counts (and calls `on_finish`)."""
         if self.finished:
             return
         self.finished, self.finish_reason = True, reason
@@ -86,6 +94,8 @@ class RequestHandle:
         self._queue.put_nowait(StreamDelta([], True, reason))
         self._done.set()
         self._token_event.set()
+        if self.on_finish is not None:
+            self.on_finish(self)
 
     # -- read by clients -----------------------------------------------------
     async def stream(self):
@@ -100,10 +110,16 @@ class RequestHandle:
         await asyncio.wait_for(self._done.wait(), timeout)
         return self
 
+    def fail_hop(self, error: str) -> None:
+        """The hop being committed failed before its first token (see `hop_error`)."""
+        self.hop_error = error
+        self._token_event.set()
+
     async def wait_tokens(self, n: int, timeout: float | None = None) -> None:
-        """Wait until at least `n` output tokens arrived (or it finished)."""
+        """Wait until at least `n` output tokens arrived (or it finished, or
+        its hop failed)."""
         async def _wait() -> None:
-            while len(self.output_token_ids) < n and not self.finished:
+            while len(self.output_token_ids) < n and not self.finished and self.hop_error is None:
                 self._token_event.clear()
                 await self._token_event.wait()
         await asyncio.wait_for(_wait(), timeout)

@@ -42,3 +42,7 @@ class LlumigrateWorkerExtension:
 
     def llumigrate_status(self) -> dict:
         return _side().status()
+
+    def llumigrate_fault(self, kind: str, seconds: float = 0.0) -> bool:
+        """Stress testing only: arm a one-shot KV transfer fault (see WorkerSide)."""
+        return _side().inject_fault(kind, seconds)

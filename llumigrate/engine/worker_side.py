@@ -25,6 +25,7 @@ from llumigrate.engine.params import SealedRequest
 from llumigrate.engine.vllm_compat import request_sampler_state
 from llumigrate.errors import TransferError, TransferRefused
 from llumigrate.transfer import Grant, KVClient, KVServer, PullRequest
+from llumigrate.transfer.connection import InjectedFault
 
 logger = logging.getLogger(__name__)
 
@@ -216,7 +217,15 @@ class WorkerSide:
     def status(self) -> dict:
         with self._lock:
             return {"held": sorted(self._held), "tracked": sorted(self._tracked),
-                    "entries": len(self._entries), **self.stats}
+                    "entries": len(self._entries), **self.stats,
+                    "faults_fired": self.client.faults_fired if self.client else 0}
+
+    def inject_fault(self, kind: str, seconds: float = 0.0) -> bool:
+        """Stress testing: make this worker's next KV pull fail mid-transfer
+        (`kind` "drop" or "stall"; "clear" disarms). Returns True when a fault
+        armed earlier had not fired. Off unless called."""
+        assert self.client is not None, "KV caches not registered yet"
+        return self.client.arm_fault(None if kind == "clear" else InjectedFault(kind, float(seconds)))
 
     # -- KV server callbacks (transfer threads) -------------------------------
     def _provide(self, pull: PullRequest) -> Grant:

@@ -16,7 +16,7 @@ from llumigrate.errors import ConfigError, TransferError, TransferRefused
 from llumigrate.kv.layout import KVLayout
 from llumigrate.kv.ops import as_block_ids, scatter_blocks
 from llumigrate.transfer.api import TRANSPORTS, PullRequest
-from llumigrate.transfer.connection import ClientConnection
+from llumigrate.transfer.connection import ClientConnection, InjectedFault
 from llumigrate.transfer.gpu_connection import GpuConnection
 from llumigrate.transfer.select import hello_transport
 
@@ -56,6 +56,8 @@ class KVClient:
         self._idle: dict[Address, list[Connection]] = {}
         self._lock = threading.Lock()
         self._closed = False
+        self._fault: InjectedFault | None = None
+        self.faults_fired = 0
 
     def pull(self, address: tuple[str, int], req: PullRequest, dest_block_ids: Sequence[int]) -> bytes:
         """Copy blocks [start_block, start_block + num_blocks) of source request
@@ -71,14 +73,30 @@ class KVClient:
         addr: Address = (str(address[0]), int(address[1]))
         dest = self._check_dest(req, dest_block_ids)
         conn = self._take(addr)
+        fault = self._take_fault() if isinstance(conn, ClientConnection) else None
         try:
-            return conn.pull(req, dest)
+            return conn.pull(req, dest, fault) if fault is not None else conn.pull(req, dest)
         except TransferRefused:
             raise
         except TransferError as e:
             raise TransferError(f"pull of {req.key!r} from {addr[0]}:{addr[1]} failed: {e}") from e
         finally:
             self._give_back(addr, conn)
+
+    def arm_fault(self, fault: InjectedFault | None) -> bool:
+        """Make the next pull fail as `fault` says (None disarms). Returns True
+        when a previously armed fault had not fired yet. Stress testing only:
+        reachable through the agent's `inject_fault` verb and nothing else."""
+        with self._lock:
+            pending, self._fault = self._fault is not None, fault
+        return pending
+
+    def _take_fault(self) -> InjectedFault | None:
+        with self._lock:
+            fault, self._fault = self._fault, None
+            if fault is not None:
+                self.faults_fired += 1
+        return fault
 
     def transport_to(self, address: tuple[str, int]) -> str | None:
         """Transport of an idle connection to `address`, None when there is none."""

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from dataclasses import dataclass
 
 import torch
 
@@ -35,6 +37,27 @@ from llumigrate.transfer.wire import (
 )
 
 logger = logging.getLogger(__name__)
+
+FAULT_KINDS = ("drop", "stall")
+
+
+@dataclass(frozen=True)
+class InjectedFault:
+    """A one-shot transfer fault (stress testing only; see `KVClient.arm_fault`).
+
+    drop: the connection is closed right after the source granted the pull.
+    stall: the connection goes silent for `seconds` after the grant, then the
+    pull fails as a timed-out one would. Either way the source sees the
+    connection end mid-pull and the pull fails with TransferError."""
+
+    kind: str
+    seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in FAULT_KINDS:
+            raise ValueError(f"fault kind must be one of {FAULT_KINDS}, got {self.kind!r}")
+        if self.seconds < 0:
+            raise ValueError(f"fault seconds must be >= 0, got {self.seconds}")
 
 
 class ClientConnection:
@@ -136,8 +159,10 @@ class ClientConnection:
         return None
 
     # -- one pull ----------------------------------------------------------------
-    def pull(self, req: PullRequest, dest: torch.Tensor) -> bytes:
-        """Run one pull into blocks `dest` (int64, validated); returns the payload."""
+    def pull(self, req: PullRequest, dest: torch.Tensor, fault: InjectedFault | None = None) -> bytes:
+        """Run one pull into blocks `dest` (int64, validated); returns the payload.
+        With `fault`, the pull fails mid-transfer as the fault says (the
+        connection is unusable afterwards)."""
         self.healthy = False
         self._seq += 1
         seq, io = self._seq, self.io
@@ -149,6 +174,8 @@ class ClientConnection:
         if not isinstance(reply, GrantMsg):
             self.healthy = True  # the connection stays usable after a refused or failed pull
             raise (TransferRefused if isinstance(reply, Refuse) else TransferError)(reply.reason)
+        if fault is not None:
+            self._fail_injected(fault)
         plan = self._plan(reply, req)
         try:
             if self.transport == "pvm":
@@ -164,6 +191,13 @@ class ClientConnection:
         self.chan.send(Ack(seq, True, ""), io)
         self.healthy = True
         return reply.payload
+
+    def _fail_injected(self, fault: InjectedFault) -> None:
+        if fault.kind == "stall":
+            time.sleep(fault.seconds)
+        self.chan.shutdown()
+        raise TransferError(f"connection {fault.kind} (injected fault"
+                            + (f", {fault.seconds:.1f}s)" if fault.kind == "stall" else ")"))
 
     def _plan(self, grant: GrantMsg, req: PullRequest) -> ChunkPlan:
         if grant.num_blocks != req.num_blocks:

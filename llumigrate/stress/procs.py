@@ -1,0 +1,63 @@
+"""Process helpers over /proc (Linux): an agent's engine processes, process
+groups, and what is still alive after a run."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+
+def _stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, ppid, pgid) of `pid`, or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0], int(fields[1]), int(fields[2])
+
+
+def _all_pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of `pid` (children first)."""
+    children: dict[int, list[int]] = {}
+    for p in _all_pids():
+        st = _stat(p)
+        if st is not None:
+            children.setdefault(st[1], []).append(p)
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(0), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def kill_descendants(pid: int, sig: int = signal.SIGKILL) -> list[int]:
+    """Signal every descendant of `pid` (not `pid` itself); the pids signalled."""
+    hit = []
+    for c in descendants(pid):
+        try:
+            os.kill(c, sig)
+            hit.append(c)
+        except ProcessLookupError:
+            pass
+    return hit
+
+
+def group_members(pgids: set[int]) -> list[int]:
+    """Live (non-zombie) processes in any of the process groups `pgids`."""
+    out = []
+    for p in _all_pids():
+        st = _stat(p)
+        if st is not None and st[2] in pgids and st[0] != "Z":
+            out.append(p)
+    return sorted(out)
+
+
+def alive(pids: set[int]) -> list[int]:
+    """The pids of `pids` that still run (zombies count as gone)."""
+    return sorted(p for p in pids if (st := _stat(p)) is not None and st[0] != "Z")
