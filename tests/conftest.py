@@ -53,9 +53,24 @@ def loop() -> LoopThread:
 
 
 @pytest.fixture(scope="session")
-def cluster(tiny_model: str, loop: LoopThread, tmp_path_factory: pytest.TempPathFactory):
-    from llumigrate.controller.cluster import Cluster
-    c = Cluster(tiny_model, 2, ENGINE_ARGS, run_dir=tmp_path_factory.mktemp("cluster"))
-    loop.run(c.start(), timeout=600)
-    yield c
-    loop.run(c.close(), timeout=120)
+def service(tiny_model: str, loop: LoopThread, tmp_path_factory: pytest.TempPathFactory):
+    """`llumigrate serve` in-process: 2 real engines, the OpenAI endpoint and
+    the gRPC control API on free loopback ports. The scheduler's migration
+    policies start disabled, so tests that migrate by hand are undisturbed;
+    a test that enables one restores the policy after."""
+    from llumigrate.scheduler import SchedulerConfig
+    from llumigrate.serve.service import ServeConfig, Service
+    config = ServeConfig(model=tiny_model, num_instances=2, engine_args=tuple(ENGINE_ARGS), port=0,
+                         control_address="127.0.0.1:0", served_model_name="tiny",
+                         scheduler=SchedulerConfig(migration_policies=()), interval_s=0.2,
+                         run_dir=str(tmp_path_factory.mktemp("service")), log_level="warning")
+    svc = Service(config)
+    loop.run(svc.start(), timeout=600)
+    yield svc
+    loop.run(svc.stop(), timeout=120)
+
+
+@pytest.fixture(scope="session")
+def cluster(service):
+    """The service's `Cluster`: engine tests drive it directly."""
+    return service.cluster
