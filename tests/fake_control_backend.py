@@ -18,7 +18,15 @@ from conftest import LoopThread
 from llumigrate.control.client import ControlClient
 from llumigrate.control.server import ControlServer, ControlServerConfig
 from llumigrate.control.backend import ControlBackend, HealthView, InstanceView, PolicyView, RequestView
-from llumigrate.control.events import DRAIN, MIGRATION_DONE, MIGRATION_STAGE, UNDRAIN, EventBus
+from llumigrate.control.events import (
+    DRAIN,
+    INSTANCE_JOINED,
+    INSTANCE_LEFT,
+    MIGRATION_DONE,
+    MIGRATION_STAGE,
+    UNDRAIN,
+    EventBus,
+)
 from llumigrate.controller.coordinator import MigrationResult
 from llumigrate.errors import ConfigError, InstanceLost, InstanceNotFound, MigrationRefused, RequestNotFound
 
@@ -44,7 +52,9 @@ def make_requests() -> dict[str, RequestView]:
 class FakeBackend(ControlBackend):
     """Three instances (i0, i1, i2), requests r0 (on i0), r1 (on i1) and r2
     (finished). `fail_next`, when set, is raised by the next call. `abort_next`
-    makes the next migration abort (a result, not an error)."""
+    makes the next migration abort (a result, not an error). Agents at an
+    address in `unreachable` cannot be registered; host names ending in
+    `.invalid` do not resolve."""
 
     def __init__(self) -> None:
         self.instances = make_instances()
@@ -54,6 +64,7 @@ class FakeBackend(ControlBackend):
         self.bus = EventBus()
         self.fail_next: Exception | None = None
         self.abort_next = False
+        self.unreachable: set[str] = set()
 
     def _check_fail(self) -> None:
         exc, self.fail_next = self.fail_next, None
@@ -133,6 +144,45 @@ class FakeBackend(ControlBackend):
         self._check_fail()
         self.bus.emit(UNDRAIN, instance_id=self._instance(instance_id).id)
         return self._set_instance(instance_id, draining=False)
+
+    async def register_instance(self, instance_id: str, host: str, port: int) -> InstanceView:
+        self._check_fail()
+        old = self.instances.get(instance_id)
+        if old is not None and old.up:
+            raise MigrationRefused(f"instance id {instance_id!r} is in use by a live instance at {old.address}")
+        if host.endswith(".invalid"):
+            raise ConfigError(f"host {host!r} does not resolve")
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if address in self.unreachable:
+            raise InstanceLost(f"cannot reach the agent at {address}")
+        self.instances[instance_id] = InstanceView(instance_id, address, num_blocks=100, free_blocks=100,
+                                                   block_size=16, freeness=1.0)
+        self.bus.emit(INSTANCE_JOINED, instance_id=instance_id, address=address)
+        return self.instances[instance_id]
+
+    async def deregister_instance(self, instance_id: str, timeout_s: float) -> InstanceView:
+        self._check_fail()
+        inst = self._instance(instance_id)
+        if not inst.draining:
+            await self.drain(instance_id)
+        if inst.up:
+            await self._empty(instance_id, timeout_s)
+        removed = self.instances.pop(instance_id)
+        self.bus.emit(INSTANCE_LEFT, instance_id=instance_id, address=removed.address)
+        return removed
+
+    async def _empty(self, instance_id: str, timeout_s: float) -> None:
+        """Migrates every unfinished request off the instance; TimeoutError
+        (at once, standing for `timeout_s` of waiting) if one cannot move."""
+        for req in [r for r in self.requests.values() if r.instance_id == instance_id and r.state != "finished"]:
+            try:
+                moved = (await self.migrate(req.id)).committed
+            except InstanceLost:
+                moved = False
+            if not moved:
+                raise TimeoutError(f"instance {instance_id} still runs {req.id} after {timeout_s:g} s; "
+                                   f"it stays draining")
+        self._set_instance(instance_id, num_running=0, num_waiting=0)
 
     async def get_policy(self) -> PolicyView:
         self._check_fail()

@@ -10,11 +10,21 @@ import threading
 
 import grpc
 import pytest
-from fake_control_backend import call, make_self_signed, serving, wait_until
+from fake_control_backend import call, make_instances, make_self_signed, serving, wait_until
 
 from llumigrate.control import codegen
-from llumigrate.control.events import DISPATCH, DRAIN, MIGRATION_DONE, MIGRATION_STAGE, Event, EventBus
+from llumigrate.control.events import (
+    DISPATCH,
+    DRAIN,
+    INSTANCE_JOINED,
+    INSTANCE_LEFT,
+    MIGRATION_DONE,
+    MIGRATION_STAGE,
+    Event,
+    EventBus,
+)
 from llumigrate.control.server import ControlServerConfig
+from llumigrate.control.v1 import control_pb2 as pb
 from llumigrate.errors import ConfigError, InstanceLost, MigrationAborted
 
 Code = grpc.StatusCode
@@ -92,6 +102,41 @@ def test_get_and_set_policy(served):
     assert list(p.migration) == [] and p.dispatch == "round_robin"
 
 
+def test_register_and_deregister_instance(served):
+    i3 = call(served.address, lambda c: c.register_instance("i3", "10.0.0.7", 7000))
+    assert (i3.id, i3.address, i3.up, i3.draining, i3.free_blocks) == ("i3", "10.0.0.7:7000", True, False, 100)
+    assert call(served.address, lambda c: c.register_instance("i4", "::1", 7001)).address == "[::1]:7001"
+    assert [i.id for i in call(served.address, lambda c: c.list_instances())] == ["i0", "i1", "i2", "i3", "i4"]
+    gone = call(served.address, lambda c: c.deregister_instance("i0", timeout_s=5))
+    assert (gone.id, gone.draining, gone.num_running) == ("i0", True, 0)  # as it was when removed
+    assert rpc_error(served.address, lambda c: c.get_instance("i0"))[0] == Code.NOT_FOUND
+    moved = served.backend.requests["r0"]  # its running request migrated before it left
+    assert (moved.instance_id, moved.num_migrations) == ("i1", 1)
+    assert call(served.address, lambda c: c.deregister_instance("i4")).id == "i4"  # the default timeout
+
+
+def test_deregister_that_cannot_empty_in_time_leaves_it_draining(served):
+    call(served.address, lambda c: c.drain("i1"))
+    call(served.address, lambda c: c.drain("i2"))  # r0 on i0 has nowhere to go
+    code, message = rpc_error(served.address, lambda c: c.deregister_instance("i0", timeout_s=0.5))
+    assert code == Code.DEADLINE_EXCEEDED and "stays draining" in message
+    assert call(served.address, lambda c: c.get_instance("i0")).draining
+    assert served.backend.requests["r0"].instance_id == "i0"
+
+
+def test_register_takes_over_the_id_of_a_down_instance(served):
+    served.backend._set_instance("i2", up=False)
+    i2 = call(served.address, lambda c: c.register_instance("i2", "node-7.example", 7000))
+    assert (i2.address, i2.up) == ("node-7.example:7000", True)
+
+
+def test_unreachable_agent_is_unavailable_and_not_registered(served):
+    served.backend.unreachable.add("10.0.0.8:7000")
+    code, message = rpc_error(served.address, lambda c: c.register_instance("i3", "10.0.0.8", 7000))
+    assert code == Code.UNAVAILABLE and "cannot reach" in message
+    assert "i3" not in served.backend.instances
+
+
 # -- bad input -------------------------------------------------------------------------
 BAD_INPUT = [
     (lambda c: c.get_instance(""), Code.INVALID_ARGUMENT, "instance_id must not be empty"),
@@ -117,6 +162,26 @@ BAD_INPUT = [
     (lambda c: c.set_policy(thresholds={"migrate_in_freeness": 7.0}), Code.INVALID_ARGUMENT, "[0, 1]"),
     (lambda c: c.set_policy(thresholds={"nope": 0.5}), Code.INVALID_ARGUMENT, "nope"),
     (lambda c: anext(c.watch_events(["nope"])), Code.INVALID_ARGUMENT, "unknown event kind"),
+    (lambda c: c.register_instance("", "10.0.0.7", 7000), Code.INVALID_ARGUMENT, "instance_id must not be empty"),
+    (lambda c: c.register_instance("i 9", "10.0.0.7", 7000), Code.INVALID_ARGUMENT, "spaces"),
+    (lambda c: c.register_instance("i9", "", 7000), Code.INVALID_ARGUMENT, "host must not be empty"),
+    (lambda c: c.register_instance("i9", "node:7000", 7000), Code.INVALID_ARGUMENT, "give the port separately"),
+    (lambda c: c.register_instance("i9", "[::1]", 7000), Code.INVALID_ARGUMENT, "not a host name"),
+    (lambda c: c.register_instance("i9", "a b", 7000), Code.INVALID_ARGUMENT, "not a host name"),
+    (lambda c: c.register_instance("i9", "-node", 7000), Code.INVALID_ARGUMENT, "not a host name"),
+    (lambda c: c.register_instance("i9", "n" * 254, 7000), Code.INVALID_ARGUMENT, "at most 253"),
+    (lambda c: c.register_instance("i9", "10.0.0.7", 0), Code.INVALID_ARGUMENT, "port must be in 1..65535"),
+    (lambda c: c.register_instance("i9", "10.0.0.7", -1), Code.INVALID_ARGUMENT, "port must be in 1..65535"),
+    (lambda c: c.register_instance("i9", "10.0.0.7", 65536), Code.INVALID_ARGUMENT, "port must be in 1..65535"),
+    (lambda c: c.register_instance("i9", "node.invalid", 7000), Code.INVALID_ARGUMENT, "does not resolve"),
+    (lambda c: c.register_instance("i1", "10.0.0.7", 7000), Code.FAILED_PRECONDITION, "in use by a live instance"),
+    (lambda c: c.deregister_instance(""), Code.INVALID_ARGUMENT, "instance_id must not be empty"),
+    (lambda c: c.deregister_instance("nope"), Code.NOT_FOUND, "no instance 'nope'"),
+    (lambda c: c.deregister_instance("i0", 0), Code.INVALID_ARGUMENT, "timeout_s must be > 0"),
+    (lambda c: c.deregister_instance("i0", -1), Code.INVALID_ARGUMENT, "timeout_s must be > 0"),
+    (lambda c: c.deregister_instance("i0", math.nan), Code.INVALID_ARGUMENT, "timeout_s must be > 0"),
+    (lambda c: c.deregister_instance("i0", math.inf), Code.INVALID_ARGUMENT, "at most 3600"),
+    (lambda c: c.deregister_instance("i0", 3601), Code.INVALID_ARGUMENT, "at most 3600"),
 ]
 
 
@@ -137,6 +202,7 @@ def test_bad_policy_changes_nothing(served):
     (InstanceLost("instance i1 is down"), Code.UNAVAILABLE),
     (MigrationAborted("peer gone", "precopy"), Code.ABORTED),
     (asyncio.TimeoutError(), Code.DEADLINE_EXCEEDED),
+    (TimeoutError("still running"), Code.DEADLINE_EXCEEDED),
     (RuntimeError("a bug with a secret"), Code.INTERNAL),
     (KeyError("a bare KeyError is a bug, not NOT_FOUND"), Code.INTERNAL),
 ])
@@ -200,6 +266,22 @@ def test_watch_events_filters_kinds(served):
     assert (event.kind, event.instance_id, event.seq) == (DRAIN, "i2", 2)
 
 
+def test_membership_events(served):
+    bus = served.backend.bus
+
+    async def go(c):
+        stream = c.watch_events([INSTANCE_JOINED, INSTANCE_LEFT])
+        first = asyncio.ensure_future(anext(stream))
+        await asyncio.to_thread(wait_until, lambda: bus.num_subscribers == 1)
+        await c.register_instance("i3", "10.0.0.7", 7000)
+        await c.deregister_instance("i3")  # also publishes a drain, filtered out here
+        return [await first, await anext(stream)]
+
+    events = call(served.address, go)
+    assert [(e.kind, e.instance_id, e.detail["address"]) for e in events] == [
+        (INSTANCE_JOINED, "i3", "10.0.0.7:7000"), (INSTANCE_LEFT, "i3", "10.0.0.7:7000")]
+
+
 def test_slow_watcher_drops_oldest_and_is_told(loop):
     with serving(loop, event_queue_size=4) as served:
         bus = served.backend.bus
@@ -245,6 +327,46 @@ def test_non_loopback_bind_refuses_clients_without_the_token(loop):
         assert code == Code.UNAUTHENTICATED
         assert len(call(served.address, lambda c: c.list_instances(), "s3cret")) == 3
         assert call(served.address, lambda c: c.migrate("r0", "i1"), "s3cret").committed
+
+
+def test_registering_an_agent_needs_the_token(loop):
+    """The security-critical verbs: a rogue agent must not join, nor a live
+    instance be pulled out, without the token."""
+    with serving(loop, address="0.0.0.0:0", token="s3cret") as served:
+        for token in (None, "wrong"):
+            for fn in (lambda c: c.register_instance("rogue", "10.6.6.6", 7000),
+                       lambda c: c.register_instance("i0", "10.6.6.6", 7000),
+                       lambda c: c.deregister_instance("i0")):
+                code, message = rpc_error(served.address, fn, token)
+                assert code == Code.UNAUTHENTICATED and "token" in message
+        assert sorted(served.backend.instances) == ["i0", "i1", "i2"]
+        assert served.backend.instances["i0"] == make_instances()["i0"]
+        assert call(served.address, lambda c: c.register_instance("i3", "10.0.0.7", 7000), "s3cret").up
+        assert call(served.address, lambda c: c.deregister_instance("i3"), "s3cret").id == "i3"
+
+
+def test_every_rpc_needs_the_token(loop):
+    """Each method of the service, the ones added later included, is refused
+    without the token before its handler runs."""
+    service = pb.DESCRIPTOR.services_by_name["Control"]
+
+    async def go(address):
+        codes = {}
+        async with grpc.aio.insecure_channel(address) as ch:
+            for m in service.methods:
+                request = getattr(pb, m.input_type.name)()
+                kind = ch.unary_stream if m.server_streaming else ch.unary_unary
+                rpc = kind(f"/{service.full_name}/{m.name}", request_serializer=type(request).SerializeToString)
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    call = rpc(request, timeout=10)
+                    await (call.read() if m.server_streaming else call)
+                codes[m.name] = e.value.code()
+        return codes
+
+    with serving(loop, address="0.0.0.0:0", token="s3cret") as served:
+        codes = asyncio.run(go(served.address))
+    assert {"RegisterInstance", "DeregisterInstance", "WatchEvents"} <= set(codes)
+    assert set(codes.values()) == {Code.UNAUTHENTICATED}, codes
 
 
 @pytest.mark.parametrize("config,message", [

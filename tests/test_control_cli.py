@@ -12,7 +12,7 @@ import pytest
 from fake_control_backend import serving, wait_until
 
 from llumigrate.control.cli import EXIT_ERROR, EXIT_FAILED, EXIT_OK
-from llumigrate.control.events import DISPATCH, DRAIN
+from llumigrate.control.events import DISPATCH, DRAIN, INSTANCE_JOINED
 
 CONTROL_COMMANDS = ("instances", "requests", "migrate", "drain", "undrain", "events", "policy", "health")
 
@@ -103,6 +103,19 @@ def test_events_count(served, capsys):
     assert code == EXIT_OK and len(lines) == 2
     assert lines[0].split()[1:] == ["#1", "dispatch", "r7", "i1", "priority=2"]
     assert lines[1].split()[1:] == ["#2", "drain", "-", "i2"]
+
+
+def test_events_of_one_kind_membership(served, capsys):
+    bus = served.backend.bus
+
+    def publish() -> None:
+        wait_until(lambda: bus.num_subscribers == 1)
+        bus.emit(DRAIN, instance_id="i2")
+        bus.emit(INSTANCE_JOINED, instance_id="i3", address="10.0.0.7:7000")
+
+    threading.Thread(target=publish, daemon=True).start()
+    code, out, _ = cli(capsys, "events", "--kind", INSTANCE_JOINED, "--count", "1", "--address", served.address)
+    assert code == EXIT_OK and out.split()[1:] == ["#2", "instance_joined", "-", "i3", "address=10.0.0.7:7000"]
 
 
 def test_health_and_token_from_env(loop, capsys, monkeypatch):

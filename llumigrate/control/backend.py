@@ -10,6 +10,7 @@ gRPC status codes in one place (`control/status.py`):
     ConfigError                       -> INVALID_ARGUMENT
     MigrationRefused                  -> FAILED_PRECONDITION
     InstanceLost, TransferError       -> UNAVAILABLE
+    TimeoutError                      -> DEADLINE_EXCEEDED
     anything else                     -> INTERNAL (logged with its traceback)
 
 Methods are called on the server's event loop, one coroutine per RPC, so
@@ -122,6 +123,37 @@ class ControlBackend(abc.ABC):
     @abc.abstractmethod
     async def undrain(self, instance_id: str) -> InstanceView:
         """Dispatches to the instance again; idempotent. Raises InstanceNotFound."""
+
+    @abc.abstractmethod
+    async def register_instance(self, instance_id: str, host: str, port: int) -> InstanceView:
+        """Adds the agent serving its control RPC at `host`:`port` to the
+        cluster as `instance_id`: connects back to it with the cluster token,
+        starts dispatching to it and publishes `instance_joined`. Returns the
+        instance as registered. The server checked the shape: `host` a host
+        name or IP address (no brackets, no port), 1 <= `port` <= 65535.
+
+        An id held by a down instance is taken over by the new agent (an
+        agent restarted on another host rejoins under its old id).
+
+        Raises ConfigError for a host or port the backend cannot use (e.g. a
+        host name that does not resolve), MigrationRefused if `instance_id`
+        belongs to a live instance, InstanceLost if the agent cannot be
+        reached (nothing is registered then)."""
+
+    @abc.abstractmethod
+    async def deregister_instance(self, instance_id: str, timeout_s: float) -> InstanceView:
+        """Removes an instance cleanly: drains it (publishing `drain` if it
+        was not draining), migrates its running requests to other instances,
+        waits until it has no unfinished request (migrated away or finished),
+        then removes it and publishes `instance_left`. A down instance is
+        removed at once (its requests were failed over or ended when it went
+        down). Returns the instance as it was when removed (draining).
+        0 < `timeout_s` <= 3600 (the server checked).
+
+        Raises InstanceNotFound for an unknown id, TimeoutError if the
+        instance is not empty within `timeout_s`; it then stays in the
+        cluster, draining (undrain it, or deregister again). So does a call
+        cancelled while it waits (the client went away)."""
 
     @abc.abstractmethod
     async def get_policy(self) -> PolicyView:

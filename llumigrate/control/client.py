@@ -20,6 +20,7 @@ from llumigrate.control.auth import bearer_metadata
 from llumigrate.control.server import DEFAULT_ADDRESS
 from llumigrate.control.v1 import control_pb2 as pb
 from llumigrate.control.v1 import control_pb2_grpc as pb_grpc
+from llumigrate.control.validate import DEFAULT_DEREGISTER_TIMEOUT_S, MAX_DEREGISTER_TIMEOUT_S
 
 DEFAULT_TIMEOUT_S = 30.0
 MIGRATE_TIMEOUT_S = 600.0  # a migration runs to done or aborted; its stages have their own timeouts
@@ -85,6 +86,23 @@ class ControlClient:
             req.migration.names.extend(migration)
             req.migration.SetInParent()  # an empty list is set, not unset
         return await self._stub.SetPolicy(req, **self._opts())
+
+    async def register_instance(self, instance_id: str, host: str, port: int) -> pb.Instance:
+        """Joins the agent serving at `host`:`port` to the cluster as `instance_id`."""
+        req = pb.RegisterInstanceRequest(instance_id=instance_id, host=host, port=port)
+        return await self._stub.RegisterInstance(req, **self._opts())
+
+    async def deregister_instance(self, instance_id: str, timeout_s: float | None = None) -> pb.Instance:
+        """Drains `instance_id`, waits up to `timeout_s` (None: the server's
+        default, DEFAULT_DEREGISTER_TIMEOUT_S) for it to empty, removes it."""
+        req = pb.DeregisterInstanceRequest(instance_id=instance_id, timeout_s=timeout_s)
+        # NOTE: the call's deadline outlasts the server's own wait, so that an
+        # instance that does not empty in time reads as the server's
+        # DEADLINE_EXCEEDED with its message, not as the client giving up; a
+        # bad `timeout_s` still reaches the server, which refuses it.
+        wait_s = (timeout_s if timeout_s is not None and 0 < timeout_s <= MAX_DEREGISTER_TIMEOUT_S
+                  else DEFAULT_DEREGISTER_TIMEOUT_S)
+        return await self._stub.DeregisterInstance(req, **self._opts(wait_s + self.timeout_s))
 
     async def watch_events(self, kinds: list[str] | None = None) -> AsyncIterator[pb.Event]:
         """Events from now on, until the caller stops iterating or the server ends."""

@@ -1,5 +1,5 @@
 """`EventBus`: what the scheduler tells watchers (dispatches, migration stages
-and outcomes, instances up, down, drained).
+and outcomes, instances up, down, drained, joining and leaving the cluster).
 
 Publishing never blocks and never fails: each subscriber has a bounded queue;
 when it is full the oldest event is dropped and the subscriber's next event
@@ -20,11 +20,14 @@ from dataclasses import dataclass, field, replace
 DISPATCH = "dispatch"                # request_id sent to instance_id
 MIGRATION_STAGE = "migration_stage"  # detail: stage, blocks
 MIGRATION_DONE = "migration_done"    # detail: state, reason, downtime_ms, total_ms
-INSTANCE_UP = "instance_up"
+INSTANCE_UP = "instance_up"          # its health: answering again
 INSTANCE_DOWN = "instance_down"      # detail: reason
 DRAIN = "drain"
 UNDRAIN = "undrain"
-KINDS = (DISPATCH, MIGRATION_STAGE, MIGRATION_DONE, INSTANCE_UP, INSTANCE_DOWN, DRAIN, UNDRAIN)
+INSTANCE_JOINED = "instance_joined"  # membership: registered; detail: address
+INSTANCE_LEFT = "instance_left"      # deregistered and removed; detail: address
+KINDS = (DISPATCH, MIGRATION_STAGE, MIGRATION_DONE, INSTANCE_UP, INSTANCE_DOWN, DRAIN, UNDRAIN,
+         INSTANCE_JOINED, INSTANCE_LEFT)
 
 DEFAULT_QUEUE_SIZE = 1024
 

@@ -19,7 +19,15 @@ from llumigrate.control.events import DEFAULT_QUEUE_SIZE, Subscription
 from llumigrate.control.status import abort_with
 from llumigrate.control.v1 import control_pb2 as pb
 from llumigrate.control.v1 import control_pb2_grpc as pb_grpc
-from llumigrate.control.validate import valid_id, valid_kinds, valid_names, valid_thresholds
+from llumigrate.control.validate import (
+    valid_host,
+    valid_id,
+    valid_kinds,
+    valid_names,
+    valid_port,
+    valid_thresholds,
+    valid_timeout,
+)
 
 Context = grpc.aio.ServicerContext
 T = TypeVar("T")
@@ -60,6 +68,12 @@ class ControlServicer(pb_grpc.ControlServicer):
 
     async def SetPolicy(self, request: pb.SetPolicyRequest, context: Context) -> pb.Policy:
         return await _serve(context, "SetPolicy", self._set_policy(request))
+
+    async def RegisterInstance(self, request: pb.RegisterInstanceRequest, context: Context) -> pb.Instance:
+        return await _serve(context, "RegisterInstance", self._register_instance(request))
+
+    async def DeregisterInstance(self, request: pb.DeregisterInstanceRequest, context: Context) -> pb.Instance:
+        return await _serve(context, "DeregisterInstance", self._deregister_instance(request))
 
     async def WatchEvents(self, request: pb.WatchEventsRequest,
                           context: Context) -> AsyncIterator[pb.Event]:
@@ -118,6 +132,16 @@ class ControlServicer(pb_grpc.ControlServicer):
         migration = valid_names("migration", request.migration.names) if request.HasField("migration") else None
         thresholds = valid_thresholds(request.thresholds) or None
         return convert.policy_to_proto(await self.backend.set_policy(dispatch, migration, thresholds))
+
+    async def _register_instance(self, request: pb.RegisterInstanceRequest) -> pb.Instance:
+        iid = valid_id("instance_id", request.instance_id)
+        host, port = valid_host(request.host), valid_port(request.port)
+        return convert.instance_to_proto(await self.backend.register_instance(iid, host, port))
+
+    async def _deregister_instance(self, request: pb.DeregisterInstanceRequest) -> pb.Instance:
+        iid = valid_id("instance_id", request.instance_id)
+        timeout_s = valid_timeout(request.timeout_s if request.HasField("timeout_s") else None)
+        return convert.instance_to_proto(await self.backend.deregister_instance(iid, timeout_s))
 
 
 async def _serve(context: Context, rpc: str, work: Awaitable[T]) -> T:

@@ -34,6 +34,7 @@ STATUS_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (InstanceLost, grpc.StatusCode.UNAVAILABLE),
     (TransferError, grpc.StatusCode.UNAVAILABLE),
     (asyncio.TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),  # asyncio's is another class before Python 3.11
 )
 
 

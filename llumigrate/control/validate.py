@@ -3,13 +3,20 @@ raises ConfigError (INVALID_ARGUMENT) naming the field and what is allowed."""
 
 from __future__ import annotations
 
+import ipaddress
 import math
+import re
 from collections.abc import Iterable, Mapping
 
 from llumigrate.control.events import KINDS
 from llumigrate.errors import ConfigError
 
 MAX_ID_LENGTH = 256
+MAX_HOST_LENGTH = 253  # a DNS name's limit
+DEFAULT_DEREGISTER_TIMEOUT_S = 120.0
+MAX_DEREGISTER_TIMEOUT_S = 3600.0
+
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 
 
 def valid_id(field: str, value: str) -> str:
@@ -50,3 +57,37 @@ def valid_kinds(kinds: Iterable[str]) -> list[str]:
     if unknown:
         raise ConfigError(f"unknown event kind(s) {unknown}; allowed: {', '.join(KINDS)}")
     return kinds
+
+
+def valid_host(value: str) -> str:
+    """`value` if it is a host name (dot-separated labels of letters, digits,
+    `-` and `_`) or an IP address, with no port and no brackets."""
+    if not value:
+        raise ConfigError("host must not be empty")
+    if len(value) > MAX_HOST_LENGTH:
+        raise ConfigError(f"host is {len(value)} characters long; at most {MAX_HOST_LENGTH} allowed")
+    try:
+        ipaddress.ip_address(value)
+        return value
+    except ValueError:
+        pass
+    if not all(_HOST_LABEL.fullmatch(label) for label in value.removesuffix(".").split(".")):
+        raise ConfigError(f"host {value!r} is not a host name or IP address (give the port separately)")
+    return value
+
+
+def valid_port(value: int) -> int:
+    """`value` if it is a TCP port a client can dial: 1..65535."""
+    if not 1 <= value <= 65535:
+        raise ConfigError(f"port must be in 1..65535, got {value}")
+    return value
+
+
+def valid_timeout(value: float | None) -> float:
+    """A deregistration timeout in seconds: DEFAULT_DEREGISTER_TIMEOUT_S when
+    None, else finite, > 0 and at most MAX_DEREGISTER_TIMEOUT_S."""
+    if value is None:
+        return DEFAULT_DEREGISTER_TIMEOUT_S
+    if not (math.isfinite(value) and 0 < value <= MAX_DEREGISTER_TIMEOUT_S):
+        raise ConfigError(f"timeout_s must be > 0 and at most {MAX_DEREGISTER_TIMEOUT_S:g} seconds, got {value}")
+    return value

@@ -1,4 +1,5 @@
-"""Print events as they happen: dispatches, migrations, instances up, down, drained."""
+"""Print events as they happen: dispatches, migrations, instances up, down,
+drained, joining and leaving the cluster."""
 
 from __future__ import annotations
 

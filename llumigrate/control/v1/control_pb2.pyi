@@ -220,6 +220,24 @@ class SetPolicyRequest(_message.Message):
     thresholds: _containers.ScalarMap[str, float]
     def __init__(self, dispatch: _Optional[str] = ..., migration: _Optional[_Union[NameList, _Mapping]] = ..., thresholds: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
+class RegisterInstanceRequest(_message.Message):
+    __slots__ = ("instance_id", "host", "port")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    host: str
+    port: int
+    def __init__(self, instance_id: _Optional[str] = ..., host: _Optional[str] = ..., port: _Optional[int] = ...) -> None: ...
+
+class DeregisterInstanceRequest(_message.Message):
+    __slots__ = ("instance_id", "timeout_s")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    timeout_s: float
+    def __init__(self, instance_id: _Optional[str] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+
 class WatchEventsRequest(_message.Message):
     __slots__ = ("kinds",)
     KINDS_FIELD_NUMBER: _ClassVar[int]

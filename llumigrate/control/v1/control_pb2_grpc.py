@@ -84,6 +84,16 @@ class ControlStub:
                 request_serializer=llumigrate_dot_v1_dot_control__pb2.WatchEventsRequest.SerializeToString,
                 response_deserializer=llumigrate_dot_v1_dot_control__pb2.Event.FromString,
                 _registered_method=True)
+        self.RegisterInstance = channel.unary_unary(
+                '/llumigrate.v1.Control/RegisterInstance',
+                request_serializer=llumigrate_dot_v1_dot_control__pb2.RegisterInstanceRequest.SerializeToString,
+                response_deserializer=llumigrate_dot_v1_dot_control__pb2.Instance.FromString,
+                _registered_method=True)
+        self.DeregisterInstance = channel.unary_unary(
+                '/llumigrate.v1.Control/DeregisterInstance',
+                request_serializer=llumigrate_dot_v1_dot_control__pb2.DeregisterInstanceRequest.SerializeToString,
+                response_deserializer=llumigrate_dot_v1_dot_control__pb2.Instance.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -155,6 +165,26 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterInstance(self, request, context):
+        """An agent joins the cluster: the scheduler connects back to its control
+        RPC address (with the cluster token) and starts dispatching to it.
+        Returns the instance as registered. FAILED_PRECONDITION: the id belongs
+        to a live instance; UNAVAILABLE: the agent could not be reached.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeregisterInstance(self, request, context):
+        """An instance leaves the cluster cleanly: drained, its running requests
+        migrated elsewhere, then removed once it has none. Returns the instance as
+        it was when removed. DEADLINE_EXCEEDED: not empty within timeout_s (it
+        stays in the cluster, draining).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -207,6 +237,16 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.WatchEvents,
                     request_deserializer=llumigrate_dot_v1_dot_control__pb2.WatchEventsRequest.FromString,
                     response_serializer=llumigrate_dot_v1_dot_control__pb2.Event.SerializeToString,
+            ),
+            'RegisterInstance': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterInstance,
+                    request_deserializer=llumigrate_dot_v1_dot_control__pb2.RegisterInstanceRequest.FromString,
+                    response_serializer=llumigrate_dot_v1_dot_control__pb2.Instance.SerializeToString,
+            ),
+            'DeregisterInstance': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeregisterInstance,
+                    request_deserializer=llumigrate_dot_v1_dot_control__pb2.DeregisterInstanceRequest.FromString,
+                    response_serializer=llumigrate_dot_v1_dot_control__pb2.Instance.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -479,6 +519,60 @@ class Control:
             '/llumigrate.v1.Control/WatchEvents',
             llumigrate_dot_v1_dot_control__pb2.WatchEventsRequest.SerializeToString,
             llumigrate_dot_v1_dot_control__pb2.Event.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterInstance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llumigrate.v1.Control/RegisterInstance',
+            llumigrate_dot_v1_dot_control__pb2.RegisterInstanceRequest.SerializeToString,
+            llumigrate_dot_v1_dot_control__pb2.Instance.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeregisterInstance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llumigrate.v1.Control/DeregisterInstance',
+            llumigrate_dot_v1_dot_control__pb2.DeregisterInstanceRequest.SerializeToString,
+            llumigrate_dot_v1_dot_control__pb2.Instance.FromString,
             options,
             channel_credentials,
             insecure,
