@@ -1,5 +1,7 @@
 """Length-prefixed msgpack RPC over asyncio streams (agent <-> controller).
 
+Connections open with a mutual challenge-response on the shared token
+(HMAC-SHA256 of each side's random nonce): the token never crosses the wire.
 Frames: 4-byte big-endian length, then a msgpack map. Calls are
 `{"id", "method", "args"}`; replies `{"id", "ok", "result" | "error", "kind"}`;
 server pushes are `{"event", ...}`. msgpack only decodes plain data, so nothing
@@ -10,7 +12,9 @@ it never closes the connection or the server.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
+import secrets
 import itertools
 import logging
 import struct
@@ -78,9 +82,14 @@ class RpcServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = Connection(writer)
         try:
+            # Mutual challenge-response: neither side sends the token itself,
+            # and each proves it holds it (a rogue agent learns nothing).
             hello = await asyncio.wait_for(read_frame(reader), 10)
+            nonce = secrets.token_bytes(16)
+            await conn.send({"nonce": nonce, "proof": _proof(self.token, b"server", hello.get("nonce"))})
+            answer = await asyncio.wait_for(read_frame(reader), 10)
             if self.token is not None and not hmac.compare_digest(
-                    str(hello.get("token") or ""), self.token):
+                    _proof(self.token, b"client", nonce) or b"", _as_bytes(answer.get("proof"))):
                 await conn.send({"hello": False, "error": "bad token"})
                 return
             await conn.send({"hello": True})
@@ -161,7 +170,14 @@ class RpcClient:
                       timeout: float = 10.0) -> None:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
         self._conn = Connection(writer)
-        await self._conn.send({"token": token})
+        nonce = secrets.token_bytes(16)
+        await self._conn.send({"nonce": nonce})
+        challenge = await asyncio.wait_for(read_frame(reader), timeout)
+        if token is not None and not hmac.compare_digest(
+                _proof(token, b"server", nonce) or b"", _as_bytes(challenge.get("proof"))):
+            self._conn.close()
+            raise errors.ConfigError(f"agent at {host}:{port} could not prove it holds the cluster token")
+        await self._conn.send({"proof": _proof(token, b"client", challenge.get("nonce"))})
         hello = await asyncio.wait_for(read_frame(reader), timeout)
         if not hello.get("hello"):
             self._conn.close()
@@ -209,6 +225,17 @@ class RpcClient:
             self._conn.close()
         if self._reader_task is not None:
             self._reader_task.cancel()
+
+
+def _as_bytes(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else b""
+
+
+def _proof(token: str | None, role: bytes, nonce: Any) -> bytes | None:
+    """HMAC-SHA256 of the peer's nonce, keyed by the token (None without one)."""
+    if token is None or not isinstance(nonce, bytes) or len(nonce) < 16:
+        return None
+    return hmac.new(token.encode(), role + nonce, hashlib.sha256).digest()
 
 
 def _remote_error(message: str, kind: str) -> Exception:

@@ -3,6 +3,7 @@ manual migrations, drain, policy and health over `Cluster` + `GlobalScheduler`."
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 
 from llumigrate.control import events as ev
@@ -59,6 +60,36 @@ class ClusterControlBackend(ControlBackend):
             self.scheduler.observer.metrics.set_instance(instance_id, draining=0)
         return self._view(instance_id)
 
+    async def register_instance(self, instance_id: str, host: str, port: int) -> InstanceView:
+        old = self.cluster.instances.get(instance_id)
+        if old is not None and old.up:
+            if (old.host, old.port) == (host, port):
+                return self._view(instance_id)  # a retry after a lost reply
+            raise MigrationRefused(f"instance id {instance_id!r} is in use by a live instance")
+        try:
+            await self.cluster.attach(instance_id, host, port)
+        except (OSError, asyncio.TimeoutError) as e:
+            raise InstanceLost(f"cannot reach the agent at {host}:{port}: {e}") from e
+        self.bus.emit(ev.INSTANCE_JOINED, instance_id=instance_id, address=f"{host}:{port}")
+        return self._view(instance_id)
+
+    async def deregister_instance(self, instance_id: str, timeout_s: float) -> InstanceView:
+        inst = self.cluster.get_instance(instance_id)
+        if inst.up:
+            await self.drain(instance_id)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout_s
+            while self._unfinished_on(instance_id):
+                if loop.time() > deadline:
+                    raise TimeoutError(f"{instance_id} still runs {self._unfinished_on(instance_id)} "
+                                       f"requests after {timeout_s:.0f}s; it stays draining")
+                self._drain_by_hand(instance_id)
+                await asyncio.sleep(0.2)
+        view = self._view(instance_id)
+        await self.cluster.remove_instance(instance_id)
+        self.bus.emit(ev.INSTANCE_LEFT, instance_id=instance_id, address=view.address)
+        return view
+
     async def get_policy(self) -> PolicyView:
         cfg = self.scheduler.config
         thresholds = {name: float(getattr(cfg, name)) for name in TUNABLE
@@ -82,6 +113,16 @@ class ClusterControlBackend(ControlBackend):
         return HealthView(status, len(insts), up, {"down": ",".join(down)} if down else {})
 
     # -- helpers -------------------------------------------------------------
+    def _unfinished_on(self, instance_id: str) -> int:
+        return sum(1 for h in self.cluster.requests.values()
+                   if h.instance_id == instance_id and not h.finished)
+
+    def _drain_by_hand(self, instance_id: str) -> None:
+        """Leaving instances are emptied even when the drain policy is off:
+        run the drain policy once, whatever the configured set."""
+        if not self.scheduler.config.enabled("drain"):
+            self.scheduler.step(only=("drain",))
+
     def _policy_destination(self, h: RequestHandle) -> str:
         """The dispatcher's choice among the other live instances."""
         snap = cluster_snapshot(self.cluster, self.scheduler.now())

@@ -100,13 +100,16 @@ class GlobalScheduler:
             except Exception:  # a bad round must not stop the scheduler
                 logger.exception("scheduler round failed")
 
-    def step(self) -> list[MigrationPlan]:
-        """One migration round: plan over a fresh snapshot, start each plan."""
+    def step(self, only: tuple[str, ...] | None = None) -> list[MigrationPlan]:
+        """One migration round: plan over a fresh snapshot, start each plan.
+        `only`: run just these policies this round (e.g. drain for an instance
+        that is leaving), whatever the configured set."""
         self.rounds += 1
         now = self.now()
         self.history = self.history.prune(now, max(self.config.no_return_s, self.config.cooldown_s))
         snap = cluster_snapshot(self.cluster, now)
-        plans = [p for p in plan_migrations(snap, self.config, self.history, self.cost)
+        cfg = self.config if only is None else dataclasses.replace(self.config, migration_policies=only)
+        plans = [p for p in plan_migrations(snap, cfg, self.history, self.cost)
                  if p.request_id not in self._inflight]
         for plan in plans:
             self.observer.reasons[plan.request_id] = plan.reason

@@ -1,0 +1,76 @@
+"""The agent's msgpack RPC: mutual token proof, typed error replies, a server
+that survives bad clients. Real sockets on loopback, no engine."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from llumigrate import errors
+from llumigrate.agent.rpc import RpcClient, RpcServer, encode_frame
+
+
+def _server(token: str | None) -> RpcServer:
+    async def echo(conn, value):
+        return value
+
+    async def boom(conn):
+        raise errors.RequestNotFound("no such request")
+
+    async def crash(conn):
+        raise RuntimeError("a bug")
+    return RpcServer({"echo": echo, "boom": boom, "crash": crash}, token=token)
+
+
+async def _with_server(token, fn):
+    server = _server(token)
+    host, port = await server.start("127.0.0.1", 0)
+    try:
+        return await fn(host, port)
+    finally:
+        await server.close()
+
+
+def test_right_token_connects_and_calls():
+    async def go(host, port):
+        c = RpcClient()
+        await c.connect(host, port, token="s3cret")
+        try:
+            return await c.call("echo", value={"a": [1, 2]})
+        finally:
+            await c.close()
+    assert asyncio.run(_with_server("s3cret", go)) == {"a": [1, 2]}
+
+
+@pytest.mark.parametrize("server_token,client_token,match", [
+    ("s3cret", "wrong", "could not prove"),  # the client checks the server first
+    ("s3cret", None, "refused"),
+    (None, "s3cret", "could not prove"),   # an agent without the token is not trusted
+])
+def test_token_mismatch_is_refused_either_way(server_token, client_token, match):
+    async def go(host, port):
+        with pytest.raises(errors.ConfigError, match=match):
+            await RpcClient().connect(host, port, token=client_token)
+    asyncio.run(_with_server(server_token, go))
+
+
+def test_errors_are_replies_and_the_server_goes_on():
+    async def go(host, port):
+        # garbage first: the server must drop that client only
+        _, w = await asyncio.open_connection(host, port)
+        w.write(encode_frame({"nonce": b"short"}) + b"\x00\x00\x00\x05junk!")
+        await w.drain()
+        w.close()
+        c = RpcClient()
+        await c.connect(host, port)
+        out = []
+        for method in ("boom", "crash", "nope"):
+            try:
+                await c.call(method)
+            except Exception as e:  # noqa: BLE001 - the types are what we check
+                out.append(type(e).__name__)
+        out.append(await c.call("echo", value=7))
+        await c.close()
+        return out
+    assert asyncio.run(_with_server(None, go)) == ["RequestNotFound", "RpcError", "LlumigrateError", 7]
