@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 
 import grpc
 import openai
@@ -232,3 +233,49 @@ def test_vllm_bench_serve_completes_with_no_failure(loop, service, tiny_model, t
     line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
     result = json.loads(line[len("RESULT "):])
     assert result == {"completed": 16, "failed": 0, "num_prompts": 16}
+
+
+def test_an_instance_started_elsewhere_joins_and_leaves_cleanly(loop, service, tiny_model, clean):
+    """`llumigrate instance --scheduler ...` joins; a stream migrated onto it
+    survives its leaving (drained back), and it is gone afterwards."""
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ENGINE_ARGS
+    cmd = [sys.executable, "-m", "llumigrate", "instance", tiny_model, "--scheduler",
+           f"127.0.0.1:{service.control_port}", "--instance-id", "joiner", *ENGINE_ARGS]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+    async def go():
+        client, ctl = _openai(service), _control(service)
+        try:
+            for _ in range(600):
+                if any(i.id == "joiner" for i in await ctl.list_instances()):
+                    break
+                assert proc.poll() is None, proc.stdout.read()
+                await asyncio.sleep(0.5)
+            joined = [i.id for i in await ctl.list_instances()]
+            ref = await client.completions.create(model="tiny", prompt=PROMPT, max_tokens=1000,
+                                                  temperature=0, extra_body={"ignore_eos": True})
+            stream = await client.completions.create(model="tiny", prompt=PROMPT, max_tokens=1000,
+                                                     temperature=0, stream=True,
+                                                     extra_body={"ignore_eos": True})
+            r = await _running_request(ctl)
+            moved = await ctl.migrate(r.id, "joiner")
+            proc.send_signal(signal.SIGTERM)  # leave while the stream runs there
+            text = "".join([c.choices[0].text async for c in stream if c.choices])
+            await asyncio.get_running_loop().run_in_executor(None, proc.wait, 120)
+            left = [i.id for i in await ctl.list_instances()]
+            return joined, moved, ref.choices[0].text, text, left
+        finally:
+            await ctl.close()
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    joined, moved, ref, text, left = loop.run(go(), timeout=900)
+    out = proc.stdout.read()
+    assert "joiner" in joined and moved.state == "done", (moved, out[-2000:])
+    assert text == ref
+    assert proc.returncode == 0 and "left the cluster" in out, out[-2000:]
+    assert sorted(left) == ["i0", "i1"]

@@ -9,6 +9,7 @@ import sys
 # name -> module exposing `add_arguments(parser)` and `run(args) -> int`.
 COMMANDS: dict[str, str] = {
     "serve": "llumigrate.cli.serve",
+    "instance": "llumigrate.cli.instance",
     "demo": "llumigrate.cli.demo",
     "make-tiny-model": "llumigrate.cli.make_tiny_model",
     "stress": "llumigrate.cli.stress",
