@@ -79,10 +79,11 @@ class Demo:
                         break
                 except httpx.HTTPError:
                     pass
-                print(f"\r[demo] waiting for 2 engines to start ... {time.monotonic() - t0:.0f}s",
-                      end="", flush=True)
+                waited = time.monotonic() - t0
+                if int(waited) % 10 == 0:
+                    print(f"[demo] waiting for 2 engines to start ... {waited:.0f}s", flush=True)
                 await asyncio.sleep(1.0)
-        print(f"\n[demo] serving on http://127.0.0.1:{self.http}/v1, control 127.0.0.1:{self.ctl_port}",
+        print(f"[demo] serving on http://127.0.0.1:{self.http}/v1, control 127.0.0.1:{self.ctl_port}",
               flush=True)
 
     def stop_server(self) -> None:

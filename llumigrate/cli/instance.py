@@ -61,9 +61,9 @@ def _start_agent(args: argparse.Namespace, model: str, engine_args: list[str],
     while not ready.exists():
         if proc.poll() is not None:
             raise SystemExit(f"llumigrate instance: the agent exited with {proc.returncode}")
-        print(f"\r[instance] starting the engine ... {time.monotonic() - t0:.0f}s", end="", flush=True)
+        if int(time.monotonic() - t0) % 10 == 0:
+            print(f"[instance] starting the engine ... {time.monotonic() - t0:.0f}s", flush=True)
         time.sleep(1.0)
-    print(flush=True)
     return proc, json.loads(ready.read_text())
 
 
