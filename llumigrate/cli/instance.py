@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from llumigrate.cli.serve import engine_defaults, split_argv
+from llumigrate.cli.serve import engine_defaults, parse_with_engine_args
 from llumigrate.control.server import DEFAULT_ADDRESS
 
 
@@ -39,13 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="llumigrate instance", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    model, rest = split_argv(argv)
-    args, engine_args = p.parse_known_args(rest)
-    args.model, args.engine_args = model, engine_args
-    return args
+    return parse_with_engine_args("llumigrate instance", __doc__, add_arguments, argv)
 
 
 def _start_agent(args: argparse.Namespace, model: str, engine_args: list[str],

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 from llumigrate.control.server import DEFAULT_ADDRESS
 from llumigrate.errors import ConfigError
@@ -118,12 +119,18 @@ def run(args: argparse.Namespace) -> int:
     return asyncio.run(serve(config))
 
 
-def parse(argv: list[str]) -> argparse.Namespace:
-    """`llumigrate serve` parses for itself: unknown arguments are vLLM's."""
-    p = argparse.ArgumentParser(prog="llumigrate serve", description=__doc__,
+def parse_with_engine_args(prog: str, doc: str | None, add: Callable[[argparse.ArgumentParser], None],
+                           argv: list[str]) -> argparse.Namespace:
+    """[MODEL] plus our options; every argument we do not know is vLLM's
+    (`args.engine_args`), as with `vllm serve`."""
+    p = argparse.ArgumentParser(prog=prog, description=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
+    add(p)
     model, rest = split_argv(argv)
     args, engine_args = p.parse_known_args(rest)
     args.model, args.engine_args = model, engine_args
     return args
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    return parse_with_engine_args("llumigrate serve", __doc__, add_arguments, argv)
