@@ -1,0 +1,122 @@
+"""The serve layer's pure parts, over hand-built cluster state (no engine):
+snapshots from controller state, policy changes, migration rounds."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from llumigrate.controller.instance import Instance
+from llumigrate.controller.request import RequestHandle
+from llumigrate.errors import ConfigError
+from llumigrate.scheduler import SchedulerConfig
+from llumigrate.serve.scheduler import GlobalScheduler
+from llumigrate.serve.snapshots import cluster_snapshot
+
+
+class FakeCluster:
+    """What the serve layer reads of a `Cluster`, plus a recording `migrate`."""
+
+    def __init__(self) -> None:
+        self.instances: dict[str, Instance] = {}
+        self.requests: dict[str, RequestHandle] = {}
+        self.migrated: list[tuple[str, str]] = []
+
+    def add(self, iid: str, free: int, num_blocks: int = 100, running: int = 0, waiting: int = 0,
+            reported_at: float = 0.0) -> Instance:
+        inst = Instance(iid, "127.0.0.1", 1, info={"block_size": 16})
+        inst.load = {"num_blocks": num_blocks, "free_blocks": free, "num_running": running,
+                     "num_waiting": waiting}
+        inst.reported_at = reported_at
+        self.instances[iid] = inst
+        return inst
+
+    def request(self, rid: str, iid: str, prompt: int, output: int, **sampling) -> RequestHandle:
+        h = RequestHandle(rid, list(range(prompt)), {"max_tokens": 1000, **sampling}, 0, iid)
+        h.output_token_ids = list(range(output))
+        h.arrival = -1.0
+        self.requests[rid] = h
+        return h
+
+    async def migrate(self, rid: str, dst: str):
+        self.migrated.append((rid, dst))
+        raise ConfigError("not in this test")
+
+
+class FakeObserver:
+    def __init__(self) -> None:
+        self.reasons: dict[str, str] = {}
+
+
+def test_snapshot_counts_fresh_dispatches_as_waiting_demand():
+    c = FakeCluster()
+    c.add("i0", free=90, running=1, reported_at=5.0)
+    c.request("old", "i0", prompt=40, output=10)
+    fresh = c.request("new", "i0", prompt=64, output=0)
+    fresh.arrival = 6.0  # after the last report: the engine has not counted it
+    snap = cluster_snapshot(c, now=6.5)["i0"]
+    assert snap.num_waiting == 1 and snap.waiting_demand_blocks == 4 and snap.head_waiting_blocks == 4
+    by_id = {r.request_id: r for r in snap.requests}
+    assert by_id["old"].status == "running" and by_id["old"].migratable
+    assert by_id["new"].status == "waiting" and not by_id["new"].migratable
+
+
+def test_snapshot_marks_unmigratable_and_draining():
+    c = FakeCluster()
+    c.add("i0", free=50).draining = True
+    c.request("pen", "i0", prompt=10, output=5, presence_penalty=0.5)
+    snap = cluster_snapshot(c, now=1.0)["i0"]
+    assert snap.draining and not snap.requests[0].migratable
+
+
+def test_set_policy_is_all_or_nothing():
+    async def go():
+        s = GlobalScheduler(FakeCluster(), SchedulerConfig(), FakeObserver())
+        with pytest.raises(ConfigError, match="unknown thresholds"):
+            s.set_policy(thresholds={"warp_speed": 9})
+        with pytest.raises(ConfigError, match="integer"):
+            s.set_policy(dispatch="round-robin", thresholds={"max_migrations_out": 1.5})
+        with pytest.raises(ConfigError, match="dispatch_policy"):
+            s.set_policy(dispatch="fastest")
+        assert s.config == SchedulerConfig()
+        cfg = s.set_policy(dispatch="round-robin", migration=["drain"],
+                           thresholds={"max_migrations_out": 2, "cooldown_s": 1})
+        return cfg, s.dispatcher
+    cfg, dispatcher = asyncio.run(go())
+    assert cfg.dispatch_policy == "round-robin" and cfg.migration_policies == {"drain"}
+    assert cfg.max_migrations_out == 2 and type(dispatcher).__name__ == "RoundRobinDispatcher"
+
+
+def test_round_plans_drain_and_a_refused_plan_leaves_the_request_alone():
+    async def go():
+        c = FakeCluster()
+        c.add("i0", free=60, running=1).draining = True
+        c.add("i1", free=100)
+        c.request("r", "i0", prompt=64, output=20)
+        obs = FakeObserver()
+        s = GlobalScheduler(c, SchedulerConfig(migration_policies=()), obs)
+        assert s.step() == []                       # no policy enabled
+        plans = s.step(only=("drain",))             # what a leaving instance gets
+        await asyncio.sleep(0.05)
+        return plans, c.migrated, obs.reasons, s.history
+    plans, migrated, reasons, history = asyncio.run(go())
+    assert [(p.request_id, p.source, p.destination, p.reason) for p in plans] == [("r", "i0", "i1", "drain")]
+    assert migrated == [("r", "i1")]
+    assert reasons == {}                            # refused: nothing recorded
+    assert not history.cooling("r", 0.0, 10.0)
+
+
+def test_dispatch_prefers_the_freer_instance_and_spreads_ties():
+    async def go():
+        c = FakeCluster()
+        c.add("i0", free=10, running=2)
+        c.add("i1", free=90, running=2)
+        s = GlobalScheduler(c, SchedulerConfig(), FakeObserver())
+        first = s.choose()
+        c.instances["i0"].load["free_blocks"] = 90
+        ties = [s.choose() for _ in range(4)]
+        return first, ties
+    first, ties = asyncio.run(go())
+    assert first == "i1"
+    assert set(ties) == {"i0", "i1"}
