@@ -282,8 +282,7 @@ class Coordinator:
         try:
             await self._resume_on_source()
         except Exception as e:
-            if not self.src.up and self.on_source_lost is not None and await self.on_source_lost(req):
-                logger.warning("source of %s died while stopped; failed over", req.request_id)
+            if await self._replay_elsewhere(e):
                 self.m.on_resumed()
                 return
             logger.error("could not resume %s on its source: %s", req.request_id, e)
@@ -293,6 +292,24 @@ class Coordinator:
             except Exception:
                 pass
         self.m.on_resumed()
+
+    async def _replay_elsewhere(self, error: Exception) -> bool:
+        """The stopped request cannot resume from its held blocks: its source
+        died, or the stop never sealed it (nothing exact to resume from). Hand
+        it to failover (token replay) when there is one; True if it took it."""
+        if self.on_source_lost is None or (self.src.up and self.sealed is not None):
+            return False
+        if self.src.up:  # make sure nothing of the stopped hop lives on or stays held
+            for verb in ("abort", "release"):
+                try:
+                    await self.src.call(verb, rpc_timeout=5, rid=self.old_rid)
+                except Exception:
+                    pass
+        if not await self.on_source_lost(self.req):
+            return False
+        logger.warning("%s could not resume on %s (%s); failed over by replay", self.req.request_id,
+                       self.src.instance_id, error)
+        return True
 
     async def _resume_on_source(self) -> None:
         req = self.req

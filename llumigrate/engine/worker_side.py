@@ -66,6 +66,8 @@ class WorkerSide:
         self._scheduler_tracked: frozenset[str] = frozenset()
         self._new_track: set[str] = set()
         self._new_untrack: set[str] = set()
+        # Untracks sent that the scheduler's `tracked` set does not show yet.
+        self._untrack_sent: set[str] = set()
         self._snapshots: dict[str, OrderedDict[int, bytes]] = {}
         self._state_refs: dict[str, Any] = {}
         self._released: set[str] = set()             # req_ids to report finished_sending
@@ -97,6 +99,7 @@ class WorkerSide:
     def bind(self, meta: SchedulerMeta) -> None:
         with self._lock:
             self._scheduler_tracked = meta.tracked
+            self._untrack_sent &= meta.tracked
             for req_id, key in meta.keys.items():
                 self._entries[req_id] = _Entry(key)
                 self._by_key[key] = req_id
@@ -170,6 +173,7 @@ class WorkerSide:
             if not (self._new_track or self._new_untrack):
                 return None
             meta = WorkerMeta(self._new_track, self._new_untrack)
+            self._untrack_sent |= self._new_untrack
             self._new_track, self._new_untrack = set(), set()
         return meta
 
@@ -182,7 +186,11 @@ class WorkerSide:
                 self._tracked.add(key)
                 self._new_track.add(key)
                 self._new_untrack.discard(key)
-            return key in self._scheduler_tracked
+            # NOTE: after an untrack the scheduler's set still shows the key
+            # until it has applied the untrack; only then does it show this
+            # new track. Trusting the stale set let a stop land untracked
+            # (no hold, no seal) under the stress test.
+            return key in self._scheduler_tracked and key not in self._untrack_sent
 
     def untrack(self, key: str) -> None:
         with self._lock:

@@ -22,8 +22,8 @@ HOG_START_S = 30.0           # how long a hog may take to be admitted
 
 class ClusterFaults:
     """Faults against `cluster`. `on_spawned(inst)` is told of every
-    replacement instance; kills are allowed while at least three instances
-    are up (two remain to migrate between)."""
+    replacement instance; a kill is allowed while more than
+    `cfg.survivors` instances are up."""
 
     def __init__(self, cluster: Cluster, cfg: StressConfig,
                  on_spawned: Callable[[Instance], None]) -> None:
@@ -40,7 +40,7 @@ class ClusterFaults:
         return [i for i in self.cluster.instances.values() if i.up]
 
     def can_kill(self) -> bool:
-        return len(self.live()) >= 3
+        return len(self.live()) > self.cfg.survivors
 
     async def kill(self, instance_id: str, engine_only: bool) -> None:
         inst = self.cluster.instances[instance_id]

@@ -10,7 +10,7 @@ import time
 from typing import TYPE_CHECKING
 
 from llumigrate.stress import procs
-from llumigrate.stress.invariants import NORMAL_ENDS, InstanceFacts, RequestFacts
+from llumigrate.stress.invariants import NORMAL_ENDS, InstanceFacts, RequestFacts, Violation, check_instance
 from llumigrate.transfer import shm
 
 if TYPE_CHECKING:
@@ -66,16 +66,32 @@ class Collector:
             await asyncio.sleep(0.2)
         logger.warning("cluster not quiescent after %.0fs", self.r.cfg.quiesce_timeout_s)
 
-    async def _plant_leak(self) -> None:
-        """Self-test defect: hold a stopped request's blocks and never release them."""
+    async def _plant_leak(self, name: str = "planted-leak") -> tuple:
+        """Self-test defect: hold a stopped request's blocks and never release
+        them. Returns (instance, engine request id) of the hold."""
         inst = self._live()[0]
         h = await self.cluster.submit(list(range(40, 140)), {"max_tokens": 2000, "temperature": 0.0,
                                                              "ignore_eos": True},
-                                      instance=inst.instance_id, request_id="planted-leak")
+                                      instance=inst.instance_id, request_id=name)
         await h.wait_tokens(2, 120)
         await inst.call("track", rid=h.engine_rid)
         await self.cluster.abort(h.request_id)
         await h.wait(60)
+        return inst, h.engine_rid
+
+    async def self_test_leak(self) -> list[Violation]:
+        """Plant a leaked block on a real engine and check the instances again:
+        the violations the checker reports (must not be empty). The hold is
+        released afterwards, so the run's own facts are not affected."""
+        inst, rid = await self._plant_leak("self-test-leak")
+        await asyncio.sleep(self.r.cfg.settle_s)
+        status = await inst.call("status", rpc_timeout=30)
+        found = check_instance(InstanceFacts(inst.instance_id, self.r.listener.baseline[inst.instance_id],
+                                             int(status["load"]["free_blocks"]),
+                                             list(status["worker"]["held"])))
+        await inst.call("release", rpc_timeout=30, rid=rid)
+        await self._quiesce()
+        return found
 
     async def references(self) -> None:
         """Every deterministic request once more, no migration, each on one instance."""

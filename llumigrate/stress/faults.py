@@ -68,19 +68,29 @@ class FaultSchedule:
     def __init__(self, seed: int, kinds: tuple[str, ...] = FAULT_KINDS, rate: float = 0.5) -> None:
         self.rng = random.Random(f"faults-{seed}")
         self.kinds, self.rate = tuple(kinds), rate
-        self._first = list(self.kinds)
-        self.rng.shuffle(self._first)
+        # Every kind once first; kills last, as each costs an instance.
+        others = [k for k in self.kinds if k not in KILLS]
+        kills = [k for k in self.kinds if k in KILLS]
+        self.rng.shuffle(others)
+        self.rng.shuffle(kills)
+        self._first = others + kills
         self._retry: list[Fault] = []
 
-    def draw(self) -> Fault | None:
-        """The fault for the next migration, or None (no fault this time)."""
-        if self._retry:
-            return self._retry.pop(0)
+    def draw(self, allow_kill: bool = True) -> Fault | None:
+        """The fault for the next migration, or None (no fault this time).
+        Faults put back come first; a kill only when `allow_kill`."""
+        for k, fault in enumerate(self._retry):
+            if allow_kill or fault.kind not in KILLS:
+                return self._retry.pop(k)
         if not self.kinds or self.rng.random() >= self.rate:
             return None
         kind = self._first.pop(0) if self._first else self.rng.choice(self.kinds)
         delay = self.rng.choice(DELAYS_S) if kind in DELAYED else 0.0
-        return Fault(kind, self.rng.choice(APPLICABLE[kind]), delay)
+        fault = Fault(kind, self.rng.choice(APPLICABLE[kind]), delay)
+        if kind in KILLS and not allow_kill:
+            self._retry.append(fault)
+            return None
+        return fault
 
     def put_back(self, fault: Fault) -> None:
         """A fault that could not fire: it goes to the next migration."""
@@ -115,7 +125,8 @@ class FaultInjector:
 
     async def __call__(self, point: FaultPoint, ctx: FaultContext) -> None:
         if point is FaultPoint.BEFORE_RESERVE:
-            self._plans[ctx.request_id] = _Planned(self.schedule.draw() if self.enabled else None)
+            fault = self.schedule.draw(self.actions.can_kill()) if self.enabled else None
+            self._plans[ctx.request_id] = _Planned(fault)
         plan = self._plans.get(ctx.request_id)
         if plan is None or plan.fault is None or plan.record is not None or not self.enabled:
             return

@@ -81,13 +81,16 @@ class StressResult:
     duration_s: float
     leaked_segments: list[str] = field(default_factory=list)
     orphans: list[int] = field(default_factory=list)
+    # What the checker reported for a block leaked on purpose (cfg.self_test).
+    self_test: list[Violation] = field(default_factory=list)
 
 
 class StressRunner:
     def __init__(self, cfg: StressConfig, model: str) -> None:
         self.cfg = cfg
         self.listener = StressListener()
-        mig = MigrationConfig(stage_timeout_s=cfg.stage_timeout_s, commit_timeout_s=cfg.stage_timeout_s)
+        mig = MigrationConfig(stage_timeout_s=cfg.stage_timeout_s, commit_timeout_s=cfg.stage_timeout_s,
+                              stop_timeout_s=cfg.stop_timeout_s)
         self.cluster = Cluster(model, cfg.num_instances, list(cfg.engine_args), migration=mig,
                                failover=cfg.failover, listener=self.listener)
         self.faults = ClusterFaults(self.cluster, cfg, self._on_spawned)
@@ -102,6 +105,7 @@ class StressRunner:
         self.pids: set[int] = set()
         self.respawned: list[str] = []
         self.progress = Progress(self) if cfg.progress else None
+        self.self_test: list[Violation] = []
 
     async def run(self) -> StressResult:
         t0 = time.monotonic()
@@ -114,6 +118,8 @@ class StressRunner:
                 self.progress.start()
             await self._load()
             instances = await collector.settle()
+            if self.cfg.self_test:
+                self.self_test = await collector.self_test_leak()
             await collector.references()
         finally:
             if self.progress:
@@ -132,7 +138,7 @@ class StressRunner:
                             dict(self.migrator.refused), dict(self.migrator.started),
                             self.injector.records, list(self.listener.downs),
                             len(self.listener.failovers), self.respawned, time.monotonic() - t0,
-                            leaked, orphans)
+                            leaked, orphans, self.self_test)
 
     # -- load phase ------------------------------------------------------------
     async def _load(self) -> None:
