@@ -1,6 +1,6 @@
 """One bounded real-engine stress run (its own cluster: it kills instances).
 
-Four instances, every migration gets a fault until every fault kind was
+Four instances, most migrations get a fault until every fault kind was
 injected at least once (kills last: they take three of the four instances),
 then the invariants must all hold. The harness is checked too: a block
 leaked on purpose on a real engine after the run's checks, and a token
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.engine
 @pytest.fixture(scope="module")
 def stress_run(tiny_model, tmp_path_factory):
     from llumigrate.cli.stress import stress
-    cfg = StressConfig(num_instances=4, num_requests=10, seed=11, concurrency=5, fault_rate=1.0,
+    cfg = StressConfig(num_instances=4, num_requests=10, seed=11, concurrency=5, fault_rate=0.6,
                        require_all_faults=True, respawn=False, min_survivors=1, stall_s=1.0,
                        max_duration_s=240, progress=False, self_test=True, model=tiny_model)
     path = tmp_path_factory.mktemp("stress") / "stress.json"

@@ -38,7 +38,7 @@ class StressConfig:
     respawn: bool = True                # replace killed instances
     min_survivors: int = 0              # a kill leaves at least this many up (0: 2, or 1 of 2)
     stage_timeout_s: float = 20.0       # pre-copy stage and commit deadlines
-    stop_timeout_s: float = 10.0        # stop-and-copy deadline (the seal)
+    stop_timeout_s: float = 10.0        # reserve and stop-and-copy deadlines (engine round trips)
     settle_s: float = 1.0               # quiet time before comparing free blocks
     quiesce_timeout_s: float = 60.0
     model: str | None = None            # None: the wider built-in tiny model

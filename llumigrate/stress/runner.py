@@ -90,7 +90,7 @@ class StressRunner:
         self.cfg = cfg
         self.listener = StressListener()
         mig = MigrationConfig(stage_timeout_s=cfg.stage_timeout_s, commit_timeout_s=cfg.stage_timeout_s,
-                              stop_timeout_s=cfg.stop_timeout_s)
+                              stop_timeout_s=cfg.stop_timeout_s, reserve_timeout_s=cfg.stop_timeout_s)
         self.cluster = Cluster(model, cfg.num_instances, list(cfg.engine_args), migration=mig,
                                failover=cfg.failover, listener=self.listener)
         self.faults = ClusterFaults(self.cluster, cfg, self._on_spawned)
