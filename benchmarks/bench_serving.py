@@ -1,0 +1,327 @@
+"""Serving under load: llumigrate with migration vs the same dispatch without it
+vs round-robin, on a replayed production trace, with KV memory small enough
+that vLLM preempts.
+
+Workload: a window of the Azure LLM inference trace 2023, conversation service
+(`AzureLLMInferenceTrace_conv.csv`; Azure/AzurePublicDataset, described in
+Patel et al., "Splitwise: Efficient generative LLM inference using phase
+splitting", ISCA 2024; CC-BY 4.0). Arrival gaps are stretched by
+`--time-scale` and prompt/output lengths scaled down so that the tiny model on
+this machine is loaded but not hopeless; `--arrivals gamma` keeps the trace's
+lengths but draws gamma-distributed gaps (`--rate`, `--cv`) for bursts.
+Prompts are random token ids of the scaled length (distinct per run, so no
+run benefits from the prefix cache of an earlier one); outputs are forced to
+the scaled length (`ignore_eos`).
+
+One `llumigrate serve` (2 instances) serves every configuration; the policy
+is switched over the control API between runs, once the instances are idle:
+
+    migration      least-load dispatch + drain, priority, defrag, balance
+    no_migration   least-load dispatch, no migration policy
+    round_robin    round-robin dispatch, no migration policy
+
+Rounds alternate the order (a b c, c b a, ...) so drift of the shared machine
+falls on every configuration. The client streams /v1/completions and measures
+TTFT, TPOT and E2E itself (as `vllm bench serve` does). Preemptions are counted
+in the engines by a probe (see `common.PREEMPT_PROBE`); migrations from
+llumigrate's /metrics.
+
+    python benchmarks/bench_serving.py --json out/bench_serving.json
+
+Writes the JSON and a PNG beside it; prints a one-line summary last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import aiohttp
+from common import (
+    RequestResult,
+    Server,
+    StatusLine,
+    count_preemptions,
+    fmt,
+    free_port,
+    latency_stats,
+    llumigrate_cmd,
+    preemption_probe_env,
+    ratio,
+    stream_completion,
+    write_json,
+)
+
+from llumigrate.control.client import ControlClient
+from llumigrate.model.tiny import ensure_tiny_model
+
+TRACE = Path(__file__).resolve().parents[2] / "shared/data/azure-llm-2023/AzureLLMInferenceTrace_conv.csv"
+TRACE_SOURCE = ("Azure LLM inference trace 2023, conversation (AzureLLMInferenceTrace_conv.csv), "
+                "Azure/AzurePublicDataset; Patel et al., 'Splitwise: Efficient generative LLM "
+                "inference using phase splitting', ISCA 2024; CC-BY 4.0")
+ALL_MIGRATION = ["drain", "priority", "defrag", "balance"]
+CONFIGS = {  # name -> (dispatch policy, migration policies)
+    "migration": ("least-load", ALL_MIGRATION),
+    "no_migration": ("least-load", []),
+    "round_robin": ("round-robin", []),
+}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One request of the workload: send at `arrival_s`, prompt and output lengths."""
+
+    arrival_s: float
+    prompt_len: int
+    output_len: int
+
+
+# -- workload ----------------------------------------------------------------------------
+def read_trace(path: Path, start_s: float, window_s: float) -> list[tuple[float, int, int]]:
+    """(seconds since the window's start, context tokens, generated tokens) of the rows
+    arriving in [start_s, start_s + window_s) after the trace's first row."""
+    rows, t_first = [], None
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            t = datetime.fromisoformat(row["TIMESTAMP"][:26]).timestamp()
+            t_first = t if t_first is None else t_first
+            offset = t - t_first - start_s
+            if offset >= window_s:
+                break
+            if offset >= 0:
+                rows.append((offset, int(row["ContextTokens"]), int(row["GeneratedTokens"])))
+    return rows
+
+
+def scale_lengths(n: int, scale: float, lo: int, hi: int) -> int:
+    return max(lo, min(hi, round(n * scale)))
+
+
+def build_workload(args: argparse.Namespace) -> list[Job]:
+    rows = read_trace(Path(args.trace), args.trace_start_s, args.window_s)
+    if args.arrivals == "gamma":
+        rng = random.Random(args.seed)
+        shape = 1.0 / (args.cv ** 2)
+        t, times = 0.0, []
+        for _ in rows:
+            times.append(t)
+            t += rng.gammavariate(shape, 1.0 / (shape * args.rate))
+    else:
+        times = [r[0] * args.time_scale for r in rows]
+    return [Job(t, scale_lengths(c, args.prompt_scale, 8, args.max_prompt),
+                scale_lengths(g, args.output_scale, 4, args.max_output))
+            for t, (_, c, g) in zip(times, rows)]
+
+
+def make_prompt(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(16, 2000) for _ in range(n)]
+
+
+# -- one run -----------------------------------------------------------------------------
+async def committed_migrations(http: aiohttp.ClientSession, base_url: str) -> int:
+    """Sum of llumigrate_migrations_total{outcome="committed",...} on /metrics."""
+    async with http.get(f"{base_url}/metrics") as r:
+        text = await r.text()
+    return int(sum(float(line.split()[-1]) for line in text.splitlines()
+                   if line.startswith("llumigrate_migrations_total{") and 'outcome="committed"' in line))
+
+
+async def wait_idle(ctl: ControlClient, timeout_s: float = 180.0) -> None:
+    """Until no request is left and every block is free (holds released) on every instance."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        insts = await ctl.list_instances()
+        busy = [i for i in insts if i.num_running or i.num_waiting or i.num_migrations_in
+                or i.num_migrations_out or i.free_blocks < i.num_blocks]
+        if not busy and not await ctl.list_requests():
+            return
+        await asyncio.sleep(0.5)
+    raise TimeoutError("instances did not become idle")
+
+
+async def replay(http: aiohttp.ClientSession, base_url: str, jobs: list[Job], salt: int,
+                 results: list[RequestResult]) -> None:
+    """Send every job at its arrival time (open loop); `results` fills as they finish."""
+    rng = random.Random(salt)
+    prompts = [make_prompt(rng, j.prompt_len) for j in jobs]
+    t0, tasks = time.perf_counter(), []
+
+    async def one(job: Job, prompt: list[int]) -> None:
+        results.append(await stream_completion(http, base_url, prompt, job.output_len))
+    for job, prompt in zip(jobs, prompts):
+        await asyncio.sleep(max(0.0, t0 + job.arrival_s - time.perf_counter()))
+        tasks.append(asyncio.ensure_future(one(job, prompt)))
+    await asyncio.gather(*tasks)
+
+
+async def run_config(name: str, server: Server, ctl: ControlClient, jobs: list[Job], salt: int,
+                     probe_dir: Path, label: str) -> dict:
+    dispatch, migration = CONFIGS[name]
+    await wait_idle(ctl)
+    await ctl.set_policy(dispatch=dispatch, migration=migration)
+    results: list[RequestResult] = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as http:
+        migr0, wall0, t0 = await committed_migrations(http, server.base_url), time.time(), time.perf_counter()
+
+        def status() -> str:
+            return (f"[{label} {name}] {time.perf_counter() - t0:5.0f}s  done {len(results)}/{len(jobs)}  "
+                    f"failed {sum(r.error is not None for r in results)}  "
+                    f"preemptions {count_preemptions(probe_dir, wall0)}")
+        async with StatusLine(status):
+            await replay(http, server.base_url, jobs, salt, results)
+        elapsed, wall1 = time.perf_counter() - t0, time.time()
+        migrations = await committed_migrations(http, server.base_url) - migr0
+    return {"config": name, "label": label, "results": results, "elapsed_s": elapsed,
+            "preemptions": count_preemptions(probe_dir, wall0, wall1), "migrations": migrations,
+            "errors": sorted({r.error for r in results if r.error})[:5]}
+
+
+# -- summary -----------------------------------------------------------------------------
+def pooled(runs: list[dict]) -> dict:
+    """Latency percentiles over every request of these runs; throughput as total
+    output tokens over total run time (first send to last token)."""
+    results = [r for run in runs for r in run["results"]]
+    tokens = sum(r.output_tokens for r in results if r.error is None)
+    seconds = sum(run["elapsed_s"] for run in runs)
+    return {**latency_stats(results), "output_tokens": tokens, "elapsed_s": seconds,
+            "throughput_tok_s": tokens / seconds, "request_throughput": len(results) / seconds,
+            "preemptions": sum(run["preemptions"] for run in runs),
+            "migrations": sum(run["migrations"] for run in runs)}
+
+
+def summarize(per_config: dict[str, dict]) -> dict:
+    m, n, rr = per_config["migration"], per_config["no_migration"], per_config["round_robin"]
+    return {
+        "p99_ttft_ratio_migration_vs_none": ratio(m["p99_ttft_ms"], n["p99_ttft_ms"]),
+        "throughput_ratio_migration_vs_none": ratio(m["throughput_tok_s"], n["throughput_tok_s"]),
+        "p99_ttft_ratio_migration_vs_round_robin": ratio(m["p99_ttft_ms"], rr["p99_ttft_ms"]),
+        "p99_e2e_ratio_migration_vs_none": ratio(m["p99_e2e_ms"], n["p99_e2e_ms"]),
+        "preemptions": {k: v["preemptions"] for k, v in per_config.items()},
+        "migrations": {k: v["migrations"] for k, v in per_config.items()},
+    }
+
+
+def plot(per_config: dict[str, dict], runs: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    names = list(per_config)
+    for name in names:
+        ttfts = sorted(r.ttft for run in runs if run["config"] == name
+                       for r in run["results"] if r.ttft is not None)
+        axes[0].plot(ttfts, [(i + 1) / len(ttfts) for i in range(len(ttfts))], label=name)
+    axes[0].set(xscale="log", xlabel="TTFT (s)", ylabel="CDF", title="TTFT")
+    axes[0].legend()
+    width = 0.25
+    for k, name in enumerate(names):
+        vals = [per_config[name][f"p{q}_{m}_ms"] or 0 for m in ("ttft", "e2e") for q in (50, 99)]
+        axes[1].bar([x + k * width for x in range(4)], vals, width, label=name)
+    axes[1].set_xticks([x + width for x in range(4)], ["P50 TTFT", "P99 TTFT", "P50 E2E", "P99 E2E"])
+    axes[1].set(ylabel="ms", yscale="log", title="latency")
+    axes[1].legend()
+    for k, metric in enumerate(("preemptions", "migrations")):
+        axes[2].bar([x + k * 0.4 for x in range(len(names))], [per_config[n][metric] for n in names],
+                    0.4, label=metric)
+    axes[2].set_xticks([x + 0.2 for x in range(len(names))], names)
+    axes[2].set(title="preemptions and committed migrations")
+    axes[2].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# -- main --------------------------------------------------------------------------------
+def engine_args(args: argparse.Namespace) -> list[str]:
+    return ["--dtype", "float32", "--enforce-eager", "--block-size", str(args.block_size),
+            "--kv-cache-memory-bytes", str(int(args.kv_mib * (1 << 20))),
+            "--max-model-len", str(args.max_prompt + args.max_output + args.block_size),
+            "--max-num-seqs", str(args.max_num_seqs)]
+
+
+async def warm_up(server: Server) -> None:
+    rng = random.Random(-1)
+    async with aiohttp.ClientSession() as http:
+        await asyncio.gather(*(stream_completion(http, server.base_url, make_prompt(rng, 200), 32)
+                               for _ in range(4)))
+
+
+async def bench(args: argparse.Namespace, jobs: list[Job], out_dir: Path) -> list[dict]:
+    probe_dir = Path(tempfile.mkdtemp(prefix="bench-serving-probe-"))
+    port, control_port = free_port(), free_port()
+    cmd = llumigrate_cmd(str(ensure_tiny_model()), port, control_port, args.num_instances, engine_args(args))
+    server = Server("llumigrate", cmd, port, out_dir / "bench_serving.server.log",
+                    env=preemption_probe_env(probe_dir)).start()
+    runs: list[dict] = []
+    try:
+        print(f"starting llumigrate serve ({args.num_instances} instances) ...", flush=True)
+        await server.wait_ready()
+        await warm_up(server)
+        async with ControlClient(f"127.0.0.1:{control_port}") as ctl:
+            for rnd in range(args.rounds):
+                order = list(CONFIGS) if rnd % 2 == 0 else list(CONFIGS)[::-1]
+                for name in order:
+                    run = await run_config(name, server, ctl, jobs, 1000 * rnd + len(runs), probe_dir,
+                                           f"round {rnd + 1}/{args.rounds}")
+                    runs.append(run)
+                    s = latency_stats(run["results"])
+                    print(f"[round {rnd + 1} {name}] p99 TTFT {fmt(s['p99_ttft_ms'], '.0f')} ms  "
+                          f"preemptions {run['preemptions']}  migrations {run['migrations']}  "
+                          f"failed {s['failed']}", flush=True)
+    finally:
+        server.stop()
+    return runs
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", default="out/bench_serving.json")
+    p.add_argument("--trace", default=str(TRACE))
+    p.add_argument("--arrivals", choices=["trace", "gamma"], default="trace")
+    p.add_argument("--trace-start-s", type=float, default=60.0, help="window start, seconds into the trace")
+    p.add_argument("--window-s", type=float, default=40.0, help="trace seconds replayed (sets the requests)")
+    p.add_argument("--time-scale", type=float, default=1.5, help="stretch arrival gaps by this factor")
+    p.add_argument("--rate", type=float, default=2.5, help="gamma arrivals: requests/s")
+    p.add_argument("--cv", type=float, default=3.0, help="gamma arrivals: coefficient of variation")
+    p.add_argument("--prompt-scale", type=float, default=0.25)
+    p.add_argument("--output-scale", type=float, default=0.5)
+    p.add_argument("--max-prompt", type=int, default=768)
+    p.add_argument("--max-output", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=2, help="each round runs every configuration once")
+    p.add_argument("--num-instances", type=int, default=2)
+    p.add_argument("--kv-mib", type=float, default=1.5, help="KV cache per instance (MiB)")
+    p.add_argument("--block-size", type=int, default=32)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    jobs = build_workload(args)
+    out = Path(args.json)
+    print(f"{len(jobs)} requests over {jobs[-1].arrival_s:.0f} s ({args.arrivals} arrivals), "
+          f"prompt mean {sum(j.prompt_len for j in jobs) / len(jobs):.0f}, "
+          f"output mean {sum(j.output_len for j in jobs) / len(jobs):.0f} tokens", flush=True)
+    runs = asyncio.run(bench(args, jobs, out.parent))
+    per_config = {name: pooled([r for r in runs if r["config"] == name]) for name in CONFIGS}
+    summary = summarize(per_config)
+    write_json(out, {"summary": summary, "configs": per_config, "source": TRACE_SOURCE,
+                     "args": vars(args), "num_requests": len(jobs),
+                     "runs": [{k: v for k, v in r.items() if k != "results"} | latency_stats(r["results"])
+                              for r in runs]})
+    plot(per_config, runs, out.with_suffix(".png"))
+    print(f"bench_serving: p99 TTFT migration/none {fmt(summary['p99_ttft_ratio_migration_vs_none'])} "
+          f"(target <= 0.5), throughput migration/none {fmt(summary['throughput_ratio_migration_vs_none'])} "
+          f"(target >= 1.0), preemptions {summary['preemptions']}, migrations {summary['migrations']} "
+          f"-> {out}")
+
+
+if __name__ == "__main__":
+    main()
