@@ -55,5 +55,5 @@ def test_planted_duplicate_token_is_caught(stress_run):
     res, _ = stress_run
     facts = copy.deepcopy(res.requests)
     assert plant_duplicate(facts) is not None
-    found = check_all(facts, res.instances, failover=True)
+    found = [v for v in check_all(facts, res.instances, failover=True) if v not in res.violations]
     assert found and {v.check for v in found} <= {"stream_exact", "reference"}

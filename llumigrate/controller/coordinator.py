@@ -326,6 +326,24 @@ class Coordinator:
                             sampling=req.continuation_sampling(generated), priority=req.priority,
                             load=self._load(self.old_rid, sealed.num_kv_tokens, final=True),
                             generator_state=sealed.generator_state)
+        await self._release_after_resume(generated)
+
+    async def _release_after_resume(self, n_before: int) -> None:
+        """Free the hold once the resumed hop stands on its own. Its final pull
+        releases the hold, but no pull runs when the source's prefix cache
+        already has every position (the held blocks are cached there): then
+        only this release frees them (seen under the stress test: a hold left
+        until its lease). NOTE: not before the hop's first token: until then a
+        final pull may still be reading the held blocks."""
+        try:
+            await self.req.wait_tokens(n_before + 1, timeout=self.m.timeout_for())
+        except asyncio.TimeoutError:
+            logger.warning("resumed %s has no token yet; its hold's lease will free it", self.old_rid)
+            return
+        try:
+            await self.src.call("release", rpc_timeout=5, rid=self.old_rid)
+        except Exception as e:
+            logger.info("release of %s after resume: %s", self.old_rid, e)
 
     def _load(self, src_key: str, num_tokens: int, *, final: bool) -> dict:
         host, port = self.src.kv_address

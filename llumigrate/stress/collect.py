@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 
 RESPAWN_WAIT_S = 300.0
 REFERENCE_TIMEOUT_S = 600.0
+ORPHAN_GRACE_S = 10.0
 
 
 class Collector:
@@ -130,9 +131,16 @@ class Collector:
         return out
 
     def host_leftovers(self) -> tuple[list[str], list[int]]:
-        """(segments created by our processes, our processes still alive), after close."""
+        """(segments created by our processes, our processes still alive), after
+        close. Processes get `ORPHAN_GRACE_S` to finish exiting (a killed
+        process is visible for a moment while the kernel tears it down)."""
+        deadline = time.monotonic() + ORPHAN_GRACE_S
+        while True:
+            orphans = sorted(set(procs.group_members(self.r.pgids)) | set(procs.alive(self.r.pids)))
+            if not orphans or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         leaked = [s for s in shm.list_segments() if shm.segment_pid(s) in self.r.pids]
-        orphans = sorted(set(procs.group_members(self.r.pgids)) | set(procs.alive(self.r.pids)))
         return leaked, orphans
 
 
