@@ -130,6 +130,11 @@ def sampling_params(d: dict, tag: RequestTag, *, stream: bool = True) -> Samplin
     except (TypeError, ValueError) as e:
         raise ConfigError(f"bad sampling parameters: {e}") from e
     sp.output_kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
+    # The agent streams token ids; text is made where the client is (the
+    # frontend, over every hop). Detokenizing here too would only cost CPU,
+    # unless the caller asked the engine itself for stop strings.
+    if not sp.stop:
+        sp.detokenize = False
     sp.extra_args = {**(sp.extra_args or {}), "kv_transfer_params": tag.to_params()}
     return sp
 
