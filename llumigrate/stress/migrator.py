@@ -23,7 +23,12 @@ from llumigrate.stress.faults import FaultInjector
 logger = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 2
-POLICY = SchedulerConfig(cooldown_s=2.0, no_return_s=5.0)
+# The scheduler's policies, eager: with a few requests on a few hundred blocks
+# every instance is "free" by the default thresholds and nothing is planned;
+# here an instance with two or more running requests sheds load to one with
+# at most one (freeness is free blocks per running request).
+POLICY = SchedulerConfig(migrate_out_threshold=150.0, migrate_in_threshold=250.0,
+                         cooldown_s=2.0, no_return_s=5.0)
 
 
 class Migrator:

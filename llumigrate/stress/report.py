@@ -104,7 +104,8 @@ def plot(res: StressResult, png: Path) -> None:
     downs = [1000 * m.downtime_s for m in res.migrations if m.committed and m.downtime_s is not None]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     a.hist(downs or [0], bins=30, color="tab:blue")
-    a.set(title=f"stop-and-copy downtime ({len(downs)} committed)", xlabel="ms", ylabel="migrations")
+    a.set(title=f"downtime of committed migrations ({len(downs)} measured)", xlabel="ms",
+          ylabel="migrations")
     steps = ("before_reserve", "precopy", "stop", "commit")
     kinds = sorted(s["faults_by_kind"])
     bottom = [0] * len(steps)
