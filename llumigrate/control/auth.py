@@ -4,12 +4,12 @@ every call (streams included) must carry as `authorization: Bearer <token>`."""
 from __future__ import annotations
 
 import hmac
-import ipaddress
 from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 
 from llumigrate.errors import ConfigError
+from llumigrate.netutil import is_loopback  # noqa: F401  (re-exported for control.server)
 
 AUTH_KEY = "authorization"
 DENIED = "missing or wrong token (send 'authorization: Bearer <token>' metadata)"
@@ -22,16 +22,6 @@ def split_address(address: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise ConfigError(f"address must be HOST:PORT (port 0-65535), got {address!r}")
     return host, int(port)
-
-
-def is_loopback(host: str) -> bool:
-    """True for localhost and loopback IPs (127.0.0.0/8, ::1)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:

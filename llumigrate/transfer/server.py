@@ -10,7 +10,6 @@ ack, then reports `on_complete`. Nothing a client does can stop the server.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import socket
 import threading
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from llumigrate.errors import ConfigError
+from llumigrate.netutil import is_loopback
 from llumigrate.kv.layout import KVLayout
 from llumigrate.kv.ops import gather_blocks
 from llumigrate.transfer.api import CompleteCallback, Provider, PullRequest
@@ -63,7 +63,7 @@ class KVServer:
                  port: int = 0, token: str | None = None, on_complete: CompleteCallback | None = None,
                  num_threads: int = 1, chunk_bytes: int = 4 << 20, max_segment_bytes: int = 256 << 20,
                  io_timeout_s: float = 10.0, idle_timeout_s: float = 600.0) -> None:
-        if not token and not _is_loopback(host):
+        if not token and not is_loopback(host):
             raise ConfigError(f"a KV server bound to {host!r} needs a token; bind 127.0.0.1 or set one")
         self.config = ServerConfig(token, num_threads, chunk_bytes, max_segment_bytes, io_timeout_s,
                                    idle_timeout_s)
@@ -176,15 +176,6 @@ class KVServer:
         finally:
             with self._lock:
                 self._sessions.pop(session, None)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _checked_layout(layers: list[torch.Tensor]) -> KVLayout:
