@@ -3,8 +3,9 @@
 CPU sources in csrc/ are always built. CUDA sources (csrc/cuda/: the kernels in
 *.cu, which need only the CUDA runtime, and the torch bindings in *.cpp) are
 added only when torch was built with CUDA and nvcc is found (or when
-LLUMIGRATE_FORCE_CUDA=1); the architectures follow TORCH_CUDA_ARCH_LIST. Install with `pip install --no-build-isolation -e .`
-so the build uses the venv's torch instead of downloading another one.
+LLUMIGRATE_FORCE_CUDA=1); the architectures follow TORCH_CUDA_ARCH_LIST.
+Install with `pip install --no-build-isolation -e .` so the build uses the
+venv's torch instead of downloading another one.
 """
 
 from __future__ import annotations

@@ -56,3 +56,57 @@ def test_watchdog_notices_a_dead_engine():
         return agent
     agent = asyncio.run(go())
     assert agent.engine_dead and agent.shutdown_event.is_set()
+
+
+class StoppableRuntime:
+    """Streams two tokens, then waits; `abort` cuts the stream the way
+    AsyncLLM's does (the generator is cancelled)."""
+
+    def __init__(self) -> None:
+        self.llm = SimpleNamespace(errored=False)
+        self.aborted = asyncio.Event()
+
+    async def generate(self, rid, prompt, sp, priority):
+        for t in (5, 6):
+            yield SimpleNamespace(token_ids=[t], finished=False, finish_reason=None,
+                                  stop_reason=None, kv_params=None)
+        await self.aborted.wait()
+        raise asyncio.CancelledError
+
+    async def abort(self, rid):
+        self.aborted.set()
+
+    async def rpc(self, method, *args):
+        assert method == "llumigrate_sealed"
+        return None  # never held: the engine finished the request instead
+
+
+def test_request_finishing_in_the_step_its_stop_lands_gets_its_last_tokens_and_finish():
+    """The stop's abort and the request's own end (max_tokens) land in one
+    engine step: the engine reports the real finish with every token; the
+    agent delivers the tokens the abort kept from the stream and the finish,
+    and tells the controller there is nothing to migrate."""
+    from llumigrate.engine.notify import NotifyListener
+
+    async def go():
+        notify = NotifyListener()
+        agent = Agent("i0", StoppableRuntime(), notify)
+        conn = FakeConn()
+        req = _Req("r#0", conn)
+        agent.reqs["r#0"] = req
+        req.task = asyncio.ensure_future(agent._stream(req, [1, 2, 3], None, 0))
+        while req.num_tokens < 2:
+            await asyncio.sleep(0.01)
+        # What the scheduler half pushes for a tracked request that finished
+        # for real: the prompt, every output token, and the reason.
+        notify._deliver({"kind": "held", "key": "r#0", "tokens": [1, 2, 3, 5, 6, 7, 8],
+                         "num_prompt_tokens": 3, "finished": "length", "stop_reason": None})
+        res = await agent.rpc_stop(conn, "r#0", timeout=2)
+        await notify.close()
+        return res, conn.events
+    res, events = asyncio.run(go())
+    assert res == {"finished": "length"}
+    outs = [e for e in events if e["event"] == "out"]
+    assert [t for e in outs for t in e["tokens"]] == [5, 6, 7, 8]
+    assert outs[-1]["finished"] and outs[-1]["reason"] == "length"
+    assert not any(e["finished"] for e in outs[:-1])

@@ -18,7 +18,7 @@ from typing import Any
 
 from llumigrate.agent.rpc import Connection, RpcServer
 from llumigrate.engine.notify import NotifyListener
-from llumigrate.engine.params import LoadSpec, RequestTag, SealedRequest
+from llumigrate.engine.params import LoadSpec, RequestTag, SealedRequest, plain_stop_reason
 from llumigrate.engine.runtime import EngineRuntime, sampling_params
 from llumigrate.errors import MigrationAborted, RequestNotFound
 
@@ -137,7 +137,7 @@ class Agent:
                     reason = d.finish_reason
                 if req.conn is not None and (d.token_ids or d.finished):
                     event = {"rid": req.rid, "tokens": d.token_ids, "finished": d.finished,
-                             "reason": d.finish_reason, "stop_reason": _plain(d.stop_reason)}
+                             "reason": d.finish_reason, "stop_reason": plain_stop_reason(d.stop_reason)}
                     if req.stopping:
                         req.held_back.append(event)
                     else:
@@ -204,17 +204,33 @@ class Agent:
         if reason not in (None, "abort"):
             # It finished for real before the abort landed: deliver what was
             # withheld, and tell the controller there is nothing to migrate.
-            req.stopping = False
-            if req.conn is not None:
-                for event in req.held_back:
-                    await req.conn.push("out", **event)
+            await self._deliver_withheld(req)
             return {"finished": reason}
-        return {"sealed": await self._sealed(rid, timeout)}
+        res = await self._sealed(rid, timeout)
+        if "finished" in res:  # it finished for real in the step the abort reached
+            await self._deliver_withheld(req, res)
+            return {"finished": res["finished"]}
+        return res
+
+    async def _deliver_withheld(self, req: _Req, final: dict | None = None) -> None:
+        """Send the client the events withheld while stopping. With `final`
+        (the engine's record of a request that finished as it was stopped),
+        also the tokens the abort kept from the output stream, and the finish."""
+        req.stopping = False
+        if req.conn is None:
+            return
+        for event in req.held_back:
+            await req.conn.push("out", **(event if final is None else {**event, "finished": False}))
+        if final is not None:
+            tail = final["tokens"][final["num_prompt_tokens"] + req.num_tokens:]
+            await req.conn.push("out", rid=req.rid, tokens=tail, finished=True,
+                                reason=final["finished"], stop_reason=final.get("stop_reason"))
 
     async def _sealed(self, rid: str, timeout: float) -> dict:
-        """The sealed record of stopped `rid`: from the engine's pushes (the
-        scheduler's `held`, plus the worker's `held_gen` for seeded requests),
-        or from polling the worker if a push does not come."""
+        """{"sealed": record} of stopped `rid`, from the engine's pushes (the
+        scheduler's `held`, plus the worker's `held_gen` for seeded requests)
+        or from polling the worker if a push does not come; or {"finished":
+        reason, "tokens", ...} when the engine finished it for real instead."""
         async def polled() -> dict:
             while (sealed := await self.rt.rpc("llumigrate_sealed", rid)) is None:
                 await asyncio.sleep(POLL_S)
@@ -223,6 +239,10 @@ class Agent:
         async def pushed() -> dict:
             assert self.notify is not None
             held = await self.notify.wait("held", rid, timeout)
+            if held.get("finished"):
+                return {"finished": str(held["finished"]), "stop_reason": held.get("stop_reason"),
+                        "tokens": [int(t) for t in held["tokens"]],
+                        "num_prompt_tokens": int(held["num_prompt_tokens"])}
             gen = None
             if held.get("seeded"):
                 gen = (await self.notify.wait("held_gen", rid, timeout)).get("gen")
@@ -231,13 +251,12 @@ class Agent:
             return {"sealed": sealed.to_wire()}
 
         try:
-            res = await self._first_of(polled, pushed if self.notify is not None else None, timeout,
-                                       "source did not seal the request", "stopping")
+            return await self._first_of(polled, pushed if self.notify is not None else None, timeout,
+                                        "source did not seal the request", "stopping")
         finally:
             if self.notify is not None:
                 self.notify.discard("held", rid)
                 self.notify.discard("held_gen", rid)
-        return res["sealed"]
 
     async def _first_of(self, polled, pushed, timeout: float, error: str, stage: str) -> dict:
         """Whichever answers first: the engine's push (`pushed`) or the `polled`
@@ -319,7 +338,3 @@ class Agent:
 def _engine_errored(rt: EngineRuntime) -> bool:
     """True once the engine's processes died (AsyncLLM marks itself errored)."""
     return bool(getattr(getattr(rt, "llm", None), "errored", False))
-
-
-def _plain(value: Any) -> Any:
-    return value if value is None or isinstance(value, (int, str)) else str(value)

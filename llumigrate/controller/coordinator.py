@@ -151,14 +151,31 @@ class Coordinator:
             n = full_blocks * bs
             key = f"{self.new_rid}/pre{self.m.stages_done}"
             await self._inject(FaultPoint.PRECOPY, self.m.stages_done)
-            res = await self.dst.call(
-                "precopy", rpc_timeout=self.m.timeout_for() + 5, key=key, tokens=tokens[: n + 1],
-                load=self._load(self.old_rid, n, final=False), timeout=self.m.timeout_for())
+            try:
+                res = await self.dst.call(
+                    "precopy", rpc_timeout=self.m.timeout_for() + 5, key=key, tokens=tokens[: n + 1],
+                    load=self._load(self.old_rid, n, final=False), timeout=self.m.timeout_for())
+            except InstanceLost:
+                raise
+            except LlumigrateError:
+                # The source refuses pulls of a request that just finished; its
+                # final output may still be on the way here.
+                if await self._finished_soon():
+                    await self._rollback(self.m.on_source_finished())
+                    return
+                raise
             self.result.blocks_per_stage.append(int(res["loaded"]) // bs)
             logger.debug("%s pre-copy stage %d: %d blocks loaded, %d hit, %d output tokens",
                          self.req.request_id, self.m.stages_done, int(res["loaded"]) // bs,
                          int(res["hit"]) // bs, len(self.req.output_token_ids))
             self.m.on_stage_done(full_blocks)
+
+    async def _finished_soon(self, grace_s: float = 0.5) -> bool:
+        try:
+            await self.req.wait(grace_s)
+        except asyncio.TimeoutError:
+            pass
+        return self.req.finished
 
     async def _stop(self) -> None:
         req = self.req

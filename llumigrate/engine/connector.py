@@ -13,6 +13,7 @@ from llumigrate.engine.vllm_compat import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    bound_mq_spin,
     check_version,
 )
 from llumigrate.engine.worker_side import WorkerSide
@@ -29,6 +30,8 @@ class LlumigrateConnector(KVConnectorBase_V1):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         block_size = vllm_config.cache_config.block_size
         extra = dict(vllm_config.kv_transfer_config.kv_connector_extra_config or {})
+        if extra.get("engine_spin_s") is not None:  # this process's queue readers
+            bound_mq_spin(float(extra["engine_spin_s"]))
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:

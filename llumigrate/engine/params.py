@@ -10,6 +10,11 @@ from dataclasses import dataclass
 PARAMS_KEY = "llumigrate"
 
 
+def plain_stop_reason(value: object) -> int | str | None:
+    """A stop reason as msgpack carries it (a stop token id or a stop string)."""
+    return value if value is None or isinstance(value, (int, str)) else str(value)
+
+
 @dataclass(frozen=True)
 class LoadSpec:
     """Load KV positions [0, num_tokens) of request `src_key` from the KV

@@ -22,8 +22,13 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.metrics.loggers import StatLoggerBase
 
 from llumigrate.engine.params import PARAMS_KEY, RequestTag
-from llumigrate.engine.vllm_compat import check_version
+from llumigrate.engine.vllm_compat import check_version, is_cpu_platform
 from llumigrate.errors import ConfigError
+
+# How long an engine's shm message-queue readers busy-wait after a read, on
+# CPU hosts (vLLM's own 1 s starves the forward there; see
+# `vllm_compat.bound_mq_spin`). Accelerator hosts keep vLLM's default.
+CPU_ENGINE_SPIN_MS = 2.0
 
 CONNECTOR = "LlumigrateConnector"
 CONNECTOR_MODULE = "llumigrate.engine.connector"
@@ -86,8 +91,11 @@ class _LoadLogger(StatLoggerBase):
 
 def parse_engine_args(model: str, engine_argv: list[str], *, kv_host: str = "127.0.0.1",
                       kv_token: str | None = None, kv_transport: str = "auto",
-                      notify_path: str | None = None) -> AsyncEngineArgs:
-    """vLLM engine args from `vllm serve`-style argv, plus llumigrate's hooks."""
+                      notify_path: str | None = None,
+                      engine_spin_ms: float | None = None) -> AsyncEngineArgs:
+    """vLLM engine args from `vllm serve`-style argv, plus llumigrate's hooks.
+    `engine_spin_ms` bounds the engine's message-queue busy-wait; None picks
+    `CPU_ENGINE_SPIN_MS` on a CPU host and vLLM's default elsewhere."""
     parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser(prog="llumigrate-engine"))
     ns = parser.parse_args(["--model", model, *engine_argv])
     args = AsyncEngineArgs.from_cli_args(ns)
@@ -102,6 +110,12 @@ def parse_engine_args(model: str, engine_argv: list[str], *, kv_host: str = "127
         extra["kv_token"] = kv_token
     if notify_path:
         extra["notify_path"] = notify_path
+    if engine_spin_ms is None and is_cpu_platform():
+        engine_spin_ms = CPU_ENGINE_SPIN_MS
+    if engine_spin_ms is not None:
+        if engine_spin_ms < 0:
+            raise ConfigError(f"engine spin must be >= 0 ms, got {engine_spin_ms}")
+        extra["engine_spin_s"] = engine_spin_ms / 1000.0
     return dataclasses.replace(
         args,
         enable_prefix_caching=True,

@@ -15,8 +15,8 @@ from typing import Any
 
 from llumigrate.engine.meta import HeldRequest, LoadJob, SchedulerMeta, WorkerMeta
 from llumigrate.engine.notify import Notifier
-from llumigrate.engine.params import PARAMS_KEY, RequestTag
-from llumigrate.engine.vllm_compat import is_aborted, is_seeded, yield_req_data
+from llumigrate.engine.params import PARAMS_KEY, RequestTag, plain_stop_reason
+from llumigrate.engine.vllm_compat import finish_reason, is_aborted, is_seeded, yield_req_data
 
 # A final load of at most this many blocks runs synchronously, inside the step
 # that computes the request's first token on the destination (one engine step
@@ -145,6 +145,13 @@ class SchedulerSide:
             return False, params
         self._tracked.discard(key)
         if not is_aborted(request):
+            # It finished for real in the step the stop reached: there is
+            # nothing to hold, but the stop's waiter needs the final tokens
+            # (the abort may have cut the output stream before they came).
+            self.notifier.send("held", key, tokens=list(request.all_token_ids),
+                               num_prompt_tokens=request.num_prompt_tokens,
+                               finished=finish_reason(request),
+                               stop_reason=plain_stop_reason(request.stop_reason))
             return False, params
         held = HeldRequest(req_id, key, list(request.all_token_ids), request.num_prompt_tokens,
                            request.num_computed_tokens, list(block_ids))
@@ -153,3 +160,4 @@ class SchedulerSide:
                            num_computed_tokens=held.num_computed_tokens,
                            num_blocks=len(held.block_ids), seeded=is_seeded(request))
         return held.holds_blocks, params
+

@@ -27,7 +27,7 @@ SUPPORTED_VLLM = ("0.32",)
 __all__ = [
     "KVConnectorBase_V1", "KVConnectorMetadata", "KVConnectorRole", "KVConnectorWorkerMetadata",
     "get_kv_transfer_group", "has_kv_transfer_group", "yield_req_data", "check_version",
-    "is_aborted", "is_seeded", "request_sampler_state",
+    "is_aborted", "finish_reason", "is_seeded", "request_sampler_state", "bound_mq_spin", "is_cpu_platform",
 ]
 
 
@@ -40,8 +40,20 @@ def check_version() -> None:
         )
 
 
+def is_cpu_platform() -> bool:
+    from vllm.platforms import current_platform
+    return bool(current_platform.is_cpu())
+
+
 def is_aborted(request: Any) -> bool:
     return request.status == RequestStatus.FINISHED_ABORTED
+
+
+def finish_reason(request: Any) -> str | None:
+    """A finished scheduler request's reason as the API names it ("length",
+    "stop", ...), or None while it runs."""
+    reason = request.get_finished_reason()
+    return None if reason is None else str(reason)
 
 
 def is_seeded(request: Any) -> bool:
@@ -59,3 +71,39 @@ def request_sampler_state(model_runner: Any, req_id: str) -> Any | None:
     if requests is None:
         raise RuntimeError("this vLLM model runner has no `requests` table (Model Runner V2?)")
     return requests.get(req_id)
+
+
+
+def bound_mq_spin(spin_s: float, recheck_s: float = 0.02) -> bool:
+    """Bound how long vLLM's shared-memory message-queue readers busy-wait.
+
+    The engine core and each worker exchange every step over a shm ring
+    buffer whose reader spins (`sched_yield`) for 1 s after each read before
+    it sleeps on a ZMQ notification, re-checking every 5 s. On a CPU host the
+    model's forward needs the very cores the idle sides spin on: measured here
+    (2 cores, 2 engines), single steps stalled for 0.5-6 s. With a short spin
+    the reader sleeps on the notification almost at once, and a missed
+    notification costs at most `recheck_s`.
+
+    PRIVATE: `shm_broadcast.SpinCondition.wait` reads `busy_loop_s` (1 s) and
+    `SHM_READER_RECHECK_INTERVAL_MS` (5000). Call in each engine process (the
+    connector does, in both roles). Returns False, changing nothing, where
+    this vLLM has no such reader.
+    """
+    try:
+        from vllm.distributed.device_communicators import shm_broadcast as sb
+    except ImportError:  # pragma: no cover
+        return False
+    cond = getattr(sb, "SpinCondition", None)
+    if cond is None or not hasattr(sb, "SHM_READER_RECHECK_INTERVAL_MS"):
+        return False
+    sb.SHM_READER_RECHECK_INTERVAL_MS = max(1, int(recheck_s * 1000))
+    original = getattr(cond, "_llumigrate_original_wait", cond.wait)
+
+    def wait(self: Any, timeout_ms: int | None = None) -> None:
+        self.busy_loop_s = spin_s
+        original(self, timeout_ms)
+
+    cond._llumigrate_original_wait = original
+    cond.wait = wait
+    return True

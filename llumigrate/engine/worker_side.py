@@ -62,6 +62,8 @@ class WorkerSide:
         self._entries: dict[str, _Entry] = {}        # req_id -> live block table
         self._by_key: dict[str, str] = {}            # key -> req_id
         self._held: dict[str, _Held] = {}            # key -> held stopped request
+        # Recently departed keys and why (named in a refused pull's error).
+        self._gone: OrderedDict[str, str] = OrderedDict()
         self._tracked: set[str] = set()
         self._scheduler_tracked: frozenset[str] = frozenset()
         self._new_track: set[str] = set()
@@ -155,6 +157,7 @@ class WorkerSide:
                 if entry is not None and self._by_key.get(entry.key) == req_id:
                     del self._by_key[entry.key]
                     if entry.key not in self._held:
+                        self._note_gone(entry.key, "finished")
                         self._forget_key(entry.key)
             for key, until in list(self._release_pending.items()):
                 if until < now:
@@ -245,9 +248,11 @@ class WorkerSide:
                 req_id = self._by_key.get(pull.key)
                 entry = self._entries.get(req_id) if req_id else None
                 if entry is None:
+                    gone = self._gone.get(pull.key)
                     raise TransferRefused(
                         f"no running or held request {pull.key!r} here "
-                        f"({len(self._by_key)} running, {len(self._held)} held)")
+                        f"({len(self._by_key)} running, {len(self._held)} held"
+                        + (f"; it left: {gone})" if gone else "; never seen)"))
                 block_ids = entry.block_ids
             end = pull.start_block + pull.num_blocks
             if pull.start_block < 0 or end > len(block_ids):
@@ -340,9 +345,15 @@ class WorkerSide:
             return False
         if held.req.holds_blocks:
             self._released.add(held.req.req_id)
+        self._note_gone(key, "released")
         if key not in self._tracked or self._by_key.get(key) is None:
             self._forget_key(key)
         return True
+
+    def _note_gone(self, key: str, why: str) -> None:
+        self._gone[key] = why
+        while len(self._gone) > 256:
+            self._gone.popitem(last=False)
 
     def _forget_key(self, key: str) -> None:
         self._snapshots.pop(key, None)
