@@ -74,3 +74,44 @@ def test_errors_are_replies_and_the_server_goes_on():
         await c.close()
         return out
     assert asyncio.run(_with_server(None, go)) == ["RequestNotFound", "RpcError", "LlumigrateError", 7]
+
+
+def test_batched_pushes_share_a_frame_and_stay_ordered_before_the_reply():
+    """Pushes queued in one loop turn travel as one frame; a reply sent after
+    them arrives after them; the client hands each event on, in order."""
+    frames: list[dict] = []
+
+    async def burst(conn, n):
+        for i in range(n):
+            await conn.push_batched("out", i=i)
+        return "done"
+
+    async def go():
+        server = RpcServer({"burst": burst})
+        host, port = await server.start("127.0.0.1", 0)
+        seen: list = []
+        import llumigrate.agent.rpc as rpc
+        real = rpc.read_frame
+
+        async def spy(reader):
+            msg = await real(reader)
+            frames.append(msg)
+            return msg
+        rpc.read_frame = spy
+        c = RpcClient(on_event=lambda e: seen.append(e["i"]))
+        try:
+            await c.connect(host, port)
+            assert await c.call("burst", n=5) == "done"
+            seen_at_reply = list(seen)
+            await c.call("burst", n=1)
+        finally:
+            rpc.read_frame = real
+            await c.close()
+            await server.close()
+        return seen_at_reply, seen
+    at_reply, seen = asyncio.run(go())
+    assert at_reply == [0, 1, 2, 3, 4]
+    assert seen == [0, 1, 2, 3, 4, 0]
+    batch = [f for f in frames if f.get("event") == "batch"]
+    assert len(batch) == 1 and [e["i"] for e in batch[0]["events"]] == [0, 1, 2, 3, 4]
+    assert {"event": "out", "i": 0} in frames  # a lone push goes out as itself

@@ -31,6 +31,8 @@ class FakeConn:
     async def push(self, event: str, **fields) -> None:
         self.events.append({"event": event, **fields})
 
+    push_batched = push
+
 
 def test_request_lost_with_its_engine_is_not_reported_failed_and_agent_goes_down():
     async def go():

@@ -4,8 +4,10 @@ Connections open with a mutual challenge-response on the shared token
 (HMAC-SHA256 of each side's random nonce): the token never crosses the wire.
 Frames: 4-byte big-endian length, then a msgpack map. Calls are
 `{"id", "method", "args"}`; replies `{"id", "ok", "result" | "error", "kind"}`;
-server pushes are `{"event", ...}`. msgpack only decodes plain data, so nothing
-from the wire is ever unpickled. A handler exception becomes an error reply;
+server pushes are `{"event", ...}`; pushes queued with `push_batched` within
+one event-loop turn travel as one `{"event": "batch", "events": [...]}` frame
+(one per engine step instead of one per request), unpacked by the client.
+msgpack only decodes plain data, so nothing from the wire is ever unpickled. A handler exception becomes an error reply;
 it never closes the connection or the server.
 """
 
@@ -126,10 +128,15 @@ class RpcServer:
         await conn.send(reply)
 
 
+# Batched pushes wait for the peer once this much is buffered unsent.
+BATCH_HIGH_WATER = 1 << 20
+
+
 class Connection:
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self.writer = writer
         self._lock = asyncio.Lock()
+        self._batch: list[dict] = []
         self.closed = False
 
     async def send(self, msg: dict) -> None:
@@ -137,6 +144,7 @@ class Connection:
             return
         try:
             async with self._lock:
+                self._flush()  # earlier batched pushes go first: order is kept
                 self.writer.write(encode_frame(msg))
                 await self.writer.drain()
         except (ConnectionError, RuntimeError):
@@ -144,6 +152,32 @@ class Connection:
 
     async def push(self, event: str, **fields: Any) -> None:
         await self.send({"event": event, **fields})
+
+    async def push_batched(self, event: str, **fields: Any) -> None:
+        """Queue a push; every push queued in this event-loop turn goes out
+        in one frame at the start of the next (or before any later `send`)."""
+        if self.closed:
+            return
+        if not self._batch:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._batch.append({"event": event, **fields})
+        transport = self.writer.transport
+        if transport is not None and transport.get_write_buffer_size() > BATCH_HIGH_WATER:
+            try:
+                await self.writer.drain()
+            except (ConnectionError, RuntimeError):
+                self.close()
+
+    def _flush(self) -> None:
+        if not self._batch or self.closed:
+            self._batch.clear()
+            return
+        batch, self._batch = self._batch, []
+        msg = batch[0] if len(batch) == 1 else {"event": "batch", "events": batch}
+        try:
+            self.writer.write(encode_frame(msg))
+        except (ConnectionError, RuntimeError):
+            self.close()
 
     def close(self) -> None:
         if not self.closed:
@@ -205,7 +239,10 @@ class RpcClient:
                 msg = await read_frame(reader)
                 if "event" in msg:
                     if self.on_event is not None:
-                        self.on_event(msg)
+                        events = msg.get("events") if msg["event"] == "batch" else [msg]
+                        for event in events if isinstance(events, list) else ():
+                            if isinstance(event, dict):
+                                self.on_event(event)
                     continue
                 fut = self._pending.get(msg.get("id"))
                 if fut is not None and not fut.done():

@@ -141,7 +141,7 @@ class Agent:
                     if req.stopping:
                         req.held_back.append(event)
                     else:
-                        await req.conn.push("out", **event)
+                        await req.conn.push_batched("out", **event)
         except asyncio.CancelledError:
             reason = "abort"
         except Exception as e:  # engine error: report it as this request's end

@@ -54,6 +54,7 @@ class Load:
     free_blocks: int = 0
     kv_cache_usage: float = 0.0
     steps: int = 0
+    num_preempted: int = 0       # requests vLLM preempted for lack of KV blocks, all time
 
 
 @dataclass
@@ -84,6 +85,8 @@ class _LoadLogger(StatLoggerBase):
             s.num_running = scheduler_stats.num_running_reqs
             s.num_waiting = scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs
             s.steps += 1
+            if iteration_stats is not None:
+                s.num_preempted += int(getattr(iteration_stats, "num_preempted_reqs", 0) or 0)
 
     def log_engine_initialized(self) -> None:
         pass

@@ -15,6 +15,7 @@ INSTANCE_FIGURES = {
     "num_running": "Requests running.",
     "num_waiting": "Requests waiting.",
     "kv_cache_usage": "Fraction of KV-cache blocks in use (0..1).",
+    "num_preempted": "Requests the engine preempted for lack of KV blocks, since it started.",
     "up": "1 if the instance answers, else 0.",
     "draining": "1 if the instance takes no new requests, else 0.",
 }

@@ -11,7 +11,7 @@ from llumigrate.controller.listener import ClusterListener
 from llumigrate.controller.request import RequestHandle
 from llumigrate.frontend.metrics import Metrics
 
-LOAD_FIGURES = ("free_blocks", "num_blocks", "num_running", "num_waiting", "kv_cache_usage")
+LOAD_FIGURES = ("free_blocks", "num_blocks", "num_running", "num_waiting", "kv_cache_usage", "num_preempted")
 
 
 class ServeObserver(ClusterListener):
