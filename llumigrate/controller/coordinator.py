@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from llumigrate.controller.instance import Instance
 from llumigrate.controller.request import RequestHandle
+from llumigrate.controller.rollback import RollbackSteps
 from llumigrate.engine.params import SealedRequest
 from llumigrate.errors import InstanceLost, LlumigrateError, MigrationAborted, MigrationRefused
 from llumigrate.migration.faults import FaultContext, FaultHook, FaultPoint
@@ -55,7 +56,7 @@ class MigrationResult:
         return self.state == State.DONE.value
 
 
-class Coordinator:
+class Coordinator(RollbackSteps):
     """`on_hop(req, instance, hop)` routes a new hop's events; `on_stage(name)`
     is told as each step starts; `fault` (tests and the stress harness only)
     is awaited before each step; `on_source_lost(req)` takes over a request
@@ -89,16 +90,27 @@ class Coordinator:
             if self.m.state is State.COMMITTING:
                 await self._timed("commit", self._commit())
                 await self._timed("release", self._release())
-        except (MigrationAborted, InstanceLost, LlumigrateError, asyncio.TimeoutError, OSError) as e:
-            reason = str(e) or type(e).__name__
-            logger.warning("migration of %s %s->%s failed in %s: %s", self.req.request_id,
-                           self.src.instance_id, self.dst.instance_id, self.m.state.value, reason)
-            await self._rollback(self.m.on_failure(reason))
+        except (MigrationRefused, InstanceLost, asyncio.TimeoutError, OSError) as e:
+            await self._fail(e)
+        except LlumigrateError as e:
+            # The source no longer knows a request that just finished (track,
+            # or a pre-copy pull, is refused); its final output may still be
+            # on the way here. That is no failure of the migration.
+            if self.m.state in (State.RESERVING, State.PRECOPY) and await self._finished_soon():
+                await self._rollback(self.m.on_source_finished())
+            else:
+                await self._fail(e)
         r = self.result
         r.state, r.reason, r.abort_stage = self.m.state.value, self.m.abort_reason, self.m.abort_stage
         r.stages, r.total_s = self.m.stages_done, time.monotonic() - t0
         r.history = [s.value for s in self.m.history] + [self.m.state.value]
         return r
+
+    async def _fail(self, e: BaseException) -> None:
+        reason = str(e) or type(e).__name__
+        logger.warning("migration of %s %s->%s failed in %s: %s", self.req.request_id,
+                       self.src.instance_id, self.dst.instance_id, self.m.state.value, reason)
+        await self._rollback(self.m.on_failure(reason))
 
     def _mark(self, name: str) -> None:
         self._marks[name] = time.monotonic()
@@ -151,19 +163,9 @@ class Coordinator:
             n = full_blocks * bs
             key = f"{self.new_rid}/pre{self.m.stages_done}"
             await self._inject(FaultPoint.PRECOPY, self.m.stages_done)
-            try:
-                res = await self.dst.call(
-                    "precopy", rpc_timeout=self.m.timeout_for() + 5, key=key, tokens=tokens[: n + 1],
-                    load=self._load(self.old_rid, n, final=False), timeout=self.m.timeout_for())
-            except InstanceLost:
-                raise
-            except LlumigrateError:
-                # The source refuses pulls of a request that just finished; its
-                # final output may still be on the way here.
-                if await self._finished_soon():
-                    await self._rollback(self.m.on_source_finished())
-                    return
-                raise
+            res = await self.dst.call(
+                "precopy", rpc_timeout=self.m.timeout_for() + 5, key=key, tokens=tokens[: n + 1],
+                load=self._load(self.old_rid, n, final=False), timeout=self.m.timeout_for())
             self.result.blocks_per_stage.append(int(res["loaded"]) // bs)
             logger.debug("%s pre-copy stage %d: %d blocks loaded, %d hit, %d output tokens",
                          self.req.request_id, self.m.stages_done, int(res["loaded"]) // bs,
@@ -265,102 +267,6 @@ class Coordinator:
             logger.warning("release of %s on %s failed (lease frees it): %s", self.old_rid,
                            self.src.instance_id, e)
         self.m.on_released()
-
-    # -- rollback ----------------------------------------------------------------
-    async def _rollback(self, action: Action) -> None:
-        if action is Action.CANCEL:
-            # Untrack, and free a hold if the request was aborted meanwhile.
-            for verb in ("untrack", "release"):
-                try:
-                    await self.src.call(verb, rpc_timeout=5, rid=self.old_rid)
-                except Exception as e:  # the source may be the thing that failed
-                    logger.info("%s after abort failed: %s", verb, e)
-            return
-        if action is not Action.RESUME_SOURCE:
-            return
-        # The source request is stopped and its blocks are held there. Undo any
-        # destination hop and continue it on the source from its own blocks.
-        req = self.req
-        if req.abort_requested:  # the client is gone: free everything instead
-            for inst, verb, rid in ((self.dst, "abort", self.new_rid),
-                                    (self.src, "release", self.old_rid)):
-                try:
-                    await inst.call(verb, rpc_timeout=5, rid=rid)
-                except Exception:
-                    pass
-            req.finish("abort")
-            self.m.on_resumed()
-            return
-        if req.hop > 0 and req.engine_rid == self.new_rid:
-            try:
-                await self.dst.call("abort", rpc_timeout=5, rid=self.new_rid)
-            except Exception:
-                pass
-        try:
-            await self._resume_on_source()
-        except Exception as e:
-            if await self._replay_elsewhere(e):
-                self.m.on_resumed()
-                return
-            logger.error("could not resume %s on its source: %s", req.request_id, e)
-            req.finish("error", error=f"migration rollback failed: {e}")
-            try:
-                await self.src.call("release", rpc_timeout=5, rid=self.old_rid)
-            except Exception:
-                pass
-        self.m.on_resumed()
-
-    async def _replay_elsewhere(self, error: Exception) -> bool:
-        """The stopped request cannot resume from its held blocks: its source
-        died, or the stop never sealed it (nothing exact to resume from). Hand
-        it to failover (token replay) when there is one; True if it took it."""
-        if self.on_source_lost is None or (self.src.up and self.sealed is not None):
-            return False
-        if self.src.up:  # make sure nothing of the stopped hop lives on or stays held
-            for verb in ("abort", "release"):
-                try:
-                    await self.src.call(verb, rpc_timeout=5, rid=self.old_rid)
-                except Exception:
-                    pass
-        if not await self.on_source_lost(self.req):
-            return False
-        logger.warning("%s could not resume on %s (%s); failed over by replay", self.req.request_id,
-                       self.src.instance_id, error)
-        return True
-
-    async def _resume_on_source(self) -> None:
-        req = self.req
-        sealed = self.sealed
-        if sealed is None:  # the stop never sealed: there is nothing exact to resume from
-            raise MigrationAborted("source request was stopped but never sealed", "stopping")
-        # Tokens the destination produced before failing are kept only if it
-        # committed; here it did not, so continue from the sealed list.
-        del req.output_token_ids[len(sealed.tokens) - len(req.prompt_token_ids):]
-        generated = len(sealed.tokens) - len(req.prompt_token_ids)
-        self.on_hop(req, self.src, req.hop + 1)  # a fresh hop id, never reused
-        await self.src.call("generate", rpc_timeout=30, rid=req.engine_rid,
-                            prompt_token_ids=sealed.tokens,
-                            sampling=req.continuation_sampling(generated), priority=req.priority,
-                            load=self._load(self.old_rid, sealed.num_kv_tokens, final=True),
-                            generator_state=sealed.generator_state)
-        await self._release_after_resume(generated)
-
-    async def _release_after_resume(self, n_before: int) -> None:
-        """Free the hold once the resumed hop stands on its own. Its final pull
-        releases the hold, but no pull runs when the source's prefix cache
-        already has every position (the held blocks are cached there): then
-        only this release frees them (seen under the stress test: a hold left
-        until its lease). NOTE: not before the hop's first token: until then a
-        final pull may still be reading the held blocks."""
-        try:
-            await self.req.wait_tokens(n_before + 1, timeout=self.m.timeout_for())
-        except asyncio.TimeoutError:
-            logger.warning("resumed %s has no token yet; its hold's lease will free it", self.old_rid)
-            return
-        try:
-            await self.src.call("release", rpc_timeout=5, rid=self.old_rid)
-        except Exception as e:
-            logger.info("release of %s after resume: %s", self.old_rid, e)
 
     def _load(self, src_key: str, num_tokens: int, *, final: bool) -> dict:
         host, port = self.src.kv_address

@@ -22,15 +22,12 @@ import torch
 from llumigrate.engine.meta import HeldRequest, LoadJob, SchedulerMeta, WorkerMeta
 from llumigrate.engine.notify import Notifier
 from llumigrate.engine.params import SealedRequest
-from llumigrate.engine.vllm_compat import request_sampler_state
+from llumigrate.engine.sampler_state import SamplerStates, install_sampler_state
 from llumigrate.errors import TransferError, TransferRefused
 from llumigrate.transfer import Grant, KVClient, KVServer, PullRequest
 from llumigrate.transfer.connection import InjectedFault
 
 logger = logging.getLogger(__name__)
-
-MAX_SNAPSHOTS = 4
-
 
 @dataclass
 class _Entry:
@@ -70,8 +67,7 @@ class WorkerSide:
         self._new_untrack: set[str] = set()
         # Untracks sent that the scheduler's `tracked` set does not show yet.
         self._untrack_sent: set[str] = set()
-        self._snapshots: dict[str, OrderedDict[int, bytes]] = {}
-        self._state_refs: dict[str, Any] = {}
+        self._sampler = SamplerStates()
         self._released: set[str] = set()             # req_ids to report finished_sending
         self._release_pending: dict[str, float] = {}  # key -> until: release when held arrives
         self._loads_done: set[str] = set()
@@ -116,7 +112,8 @@ class WorkerSide:
                     entry.block_ids.extend(ids)
             new_held = []
             for held in meta.held:
-                h = self._held[held.key] = _Held(held, self._generator_state_for(held),
+                gen = self._sampler.state_after(held.key, len(held.tokens) - held.num_prompt_tokens)
+                h = self._held[held.key] = _Held(held, gen,
                                                   time.monotonic() + self.hold_lease_s)
                 if self._release_pending.pop(held.key, None) is not None:
                     self._release_locked(held.key)  # released before it got here
@@ -125,10 +122,10 @@ class WorkerSide:
             self._snapshot_generators()
             self._lock.notify_all()
         for h in new_held:
-            if h.generator_state is not None or h.req.key in self._snapshots:
+            if h.generator_state is not None or self._sampler.has(h.req.key):
                 self.notifier.send("held_gen", h.req.key, gen=h.generator_state)
         for req_id, state in meta.generator_states.items():
-            self._install_generator_state(req_id, state)
+            install_sampler_state(self.model_runner, req_id, state)
         for job in meta.loads:
             if job.sync:
                 self._sync_jobs.append(job)
@@ -185,6 +182,9 @@ class WorkerSide:
         """Start tracking `key` for a migration: hold its blocks on abort and
         keep sampler snapshots. Returns True once the scheduler half holds."""
         with self._lock:
+            # A release kept pending from an earlier, cancelled migration must
+            # not free the hold this one makes (seen under the stress test).
+            self._release_pending.pop(key, None)
             if key not in self._tracked:
                 self._tracked.add(key)
                 self._new_track.add(key)
@@ -202,8 +202,7 @@ class WorkerSide:
                 self._new_untrack.add(key)
                 self._new_track.discard(key)
             if key not in self._held:
-                self._snapshots.pop(key, None)
-                self._state_refs.pop(key, None)
+                self._sampler.forget(key)
 
     def sealed(self, key: str) -> dict | None:
         """The held record of a stopped request, or None while not yet held."""
@@ -299,44 +298,13 @@ class WorkerSide:
 
     # -- sampler state -----------------------------------------------------------
     def _snapshot_generators(self) -> None:
-        """Record each tracked seeded request's generator state, keyed by the
-        number of tokens it has sampled (called before this step's forward)."""
+        """Snapshot each tracked seeded request's generator (before this step's forward)."""
         if self.model_runner is None:
             return
         for key in self._tracked:
             req_id = self._by_key.get(key)
-            state = request_sampler_state(self.model_runner, req_id) if req_id else None
-            if state is None or state.generator is None:
-                continue
-            self._state_refs[key] = state
-            snaps = self._snapshots.setdefault(key, OrderedDict())
-            snaps[len(state.output_token_ids)] = bytes(state.generator.get_state().numpy())
-            while len(snaps) > MAX_SNAPSHOTS:
-                snaps.popitem(last=False)
-
-    def _generator_state_for(self, held: HeldRequest) -> bytes | None:
-        num_sampled = len(held.tokens) - held.num_prompt_tokens
-        ref = self._state_refs.get(held.key)
-        if ref is None or ref.generator is None:
-            return None
-        # The worker may have sampled one token the scheduler dropped at the
-        # abort; its state then is one sample ahead, and a snapshot taken
-        # before that step's forward has the right one.
-        if len(ref.output_token_ids) == num_sampled:
-            return bytes(ref.generator.get_state().numpy())
-        state = self._snapshots.get(held.key, {}).get(num_sampled)
-        if state is None:
-            logger.error("no sampler state of %s after %d samples", held.key, num_sampled)
-        return state
-
-    def _install_generator_state(self, req_id: str, state: bytes) -> None:
-        if self.model_runner is None:
-            raise RuntimeError("llumigrate worker extension not attached; cannot resume seeded request")
-        req_state = request_sampler_state(self.model_runner, req_id)
-        if req_state is None or req_state.generator is None:
-            logger.error("request %s has no sampler generator to restore", req_id)
-            return
-        req_state.generator.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
+            if req_id:
+                self._sampler.snapshot(self.model_runner, key, req_id)
 
     # -- internals -----------------------------------------------------------
     def _release_locked(self, key: str) -> bool:
@@ -356,8 +324,7 @@ class WorkerSide:
             self._gone.popitem(last=False)
 
     def _forget_key(self, key: str) -> None:
-        self._snapshots.pop(key, None)
-        self._state_refs.pop(key, None)
+        self._sampler.forget(key)
         if key in self._tracked:
             self._tracked.discard(key)
             self._new_untrack.add(key)

@@ -1,0 +1,59 @@
+"""The worker half's tables without an engine: holds, pending releases and
+what a refused pull says."""
+
+from __future__ import annotations
+
+import pytest
+
+from llumigrate.engine.meta import HeldRequest, SchedulerMeta
+from llumigrate.engine.worker_side import WorkerSide
+from llumigrate.errors import TransferRefused
+from llumigrate.transfer import PullRequest
+
+
+def _worker_running(key: str = "k#0", req_id: str = "k#0-abc") -> WorkerSide:
+    w = WorkerSide(block_size=4, extra={})
+    w.bind(SchedulerMeta(keys={req_id: key}, block_updates=[(req_id, [3, 4, 5], False)]))
+    return w
+
+
+def _hold(w: WorkerSide, key: str = "k#0", req_id: str = "k#0-abc") -> None:
+    w.bind(SchedulerMeta(held=[HeldRequest(req_id, key, [1, 2, 3, 4, 5, 6, 7, 8, 9], 5, 9, [3, 4, 5])]))
+
+
+def test_release_that_beats_the_hold_frees_it_when_it_arrives():
+    w = _worker_running()
+    assert w.track("k#0") is False       # the scheduler half has not seen it yet
+    assert w.release("k#0") is False      # kept pending
+    _hold(w)
+    sending, _, _ = w.get_finished({"k#0-abc"})
+    assert sending == {"k#0-abc"} and w.sealed("k#0") is None
+
+
+def test_release_from_a_cancelled_migration_does_not_free_a_later_hold():
+    w = _worker_running()
+    w.track("k#0")
+    w.release("k#0")                      # the first migration was cancelled
+    w.untrack("k#0")
+    w.track("k#0")                        # a second one tracks the same hop
+    _hold(w)
+    sending, _, _ = w.get_finished({"k#0-abc"})
+    assert sending == set()
+    sealed = w.sealed("k#0")
+    assert sealed is not None and sealed["num_blocks"] == 3
+
+
+def test_pulls_are_served_from_running_and_held_requests_and_refused_with_a_reason():
+    w = _worker_running()
+    assert w._provide(PullRequest("k#0", 1, 2)).block_ids == [4, 5]
+    with pytest.raises(TransferRefused, match="never seen"):
+        w._provide(PullRequest("other#0", 0, 1))
+    with pytest.raises(TransferRefused, match="out of range"):
+        w._provide(PullRequest("k#0", 2, 2))
+    w.track("k#0")
+    _hold(w)
+    w.get_finished({"k#0-abc"})           # finished on the engine, but held
+    assert w._provide(PullRequest("k#0", 0, 3)).block_ids == [3, 4, 5]
+    assert w.release("k#0") is True
+    with pytest.raises(TransferRefused, match="it left: released"):
+        w._provide(PullRequest("k#0", 0, 1))
