@@ -278,19 +278,25 @@ class Cluster:
         self._spawn(go())
 
     async def _failover(self, h: RequestHandle) -> bool:
-        """Replay `h` on another live instance; False if there is none."""
-        source = h.instance_id
-        try:
-            dst = self._pick(exclude=source)
-        except InstanceLost:
-            return False
-        self._notify("on_failover", h, source, dst.instance_id)
-        try:
-            await replay(h, dst, self._set_hop)
-        except Exception as e:
-            logger.error("failover of %s to %s failed: %s", h.request_id, dst.instance_id, e)
-            return False
-        return True
+        """Replay `h` on another live instance, trying each in turn (one may
+        be going down too); False if none took it."""
+        source, tried = h.instance_id, {h.instance_id}
+        while True:
+            try:
+                dst = self._pick(exclude=tried)
+            except InstanceLost:
+                return False
+            tried.add(dst.instance_id)
+            self._notify("on_failover", h, source, dst.instance_id)
+            try:
+                await replay(h, dst, self._set_hop)
+                return True
+            except Exception as e:
+                logger.error("failover of %s to %s failed: %s", h.request_id, dst.instance_id, e)
+                try:  # in case it started there after all
+                    await dst.call("abort", rpc_timeout=2, rid=h.engine_rid)
+                except Exception:
+                    pass
 
     async def _abort_diverged(self, h: RequestHandle) -> None:
         inst = self.instances.get(h.instance_id)
@@ -329,9 +335,10 @@ class Cluster:
             raise RequestNotFound(f"no request {request_id!r}")
         return h
 
-    def _pick(self, exclude: str | None = None) -> Instance:
+    def _pick(self, exclude: str | set[str] | None = None) -> Instance:
+        skip = {exclude} if isinstance(exclude, str) else (exclude or set())
         live = [i for i in self.instances.values()
-                if i.up and not i.draining and i.instance_id != exclude]
+                if i.up and not i.draining and i.instance_id not in skip]
         if not live:
             raise InstanceLost("no live instance to use")
         # Fewest of our unfinished requests; ties go to the lowest id.

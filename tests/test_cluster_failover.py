@@ -1,0 +1,55 @@
+"""Failover picks another instance when the first one it tries fails too
+(two instances going down at once, as under the stress test). Fake agents."""
+
+from __future__ import annotations
+
+import asyncio
+
+from llumigrate.controller.cluster import Cluster
+from llumigrate.controller.request import RequestHandle
+from llumigrate.errors import InstanceLost
+
+
+class FakeInstance:
+    def __init__(self, instance_id: str, works: bool) -> None:
+        self.instance_id, self.works = instance_id, works
+        self.up, self.draining, self.removed = True, False, False
+        self.calls: list[tuple[str, dict]] = []
+
+    async def call(self, method: str, rpc_timeout: float | None = 60.0, **args):
+        self.calls.append((method, args))
+        if not self.works:
+            raise InstanceLost(f"instance {self.instance_id} is going down")
+        return {"rid": args.get("rid")}
+
+
+def test_failover_tries_the_next_instance_when_one_fails():
+    async def go():
+        c = Cluster("unused-model", 0)
+        c.instances = {"i0": FakeInstance("i0", True), "i1": FakeInstance("i1", False),
+                       "i2": FakeInstance("i2", True)}
+        c.instances["i0"].up = False      # the instance the request was lost with
+        h = RequestHandle("r", [5, 6, 7], {"temperature": 0.0, "max_tokens": 8}, 0, "i0")
+        h.output_token_ids = [9, 9]
+        c.requests["r"] = h
+        # i1 has fewest requests and the lowest id among the live ones: tried first.
+        ok = await c._failover(h)
+        return ok, h, c.instances
+    ok, h, insts = asyncio.run(go())
+    assert ok and h.instance_id == "i2"
+    first = insts["i1"].calls[0]
+    assert first[0] == "generate" and insts["i1"].calls[-1][0] == "abort"
+    gen = [a for m, a in insts["i2"].calls if m == "generate"]
+    assert gen and gen[0]["prompt_token_ids"] == [5, 6, 7, 9, 9] and gen[0]["rid"] == h.engine_rid
+    assert gen[0]["sampling"]["max_tokens"] == 6
+
+
+def test_failover_gives_up_when_no_instance_takes_it():
+    async def go():
+        c = Cluster("unused-model", 0)
+        c.instances = {"i0": FakeInstance("i0", True), "i1": FakeInstance("i1", False)}
+        c.instances["i0"].up = False
+        h = RequestHandle("r", [5, 6, 7], {"temperature": 0.0, "max_tokens": 8}, 0, "i0")
+        c.requests["r"] = h
+        return await c._failover(h)
+    assert asyncio.run(go()) is False
