@@ -86,6 +86,10 @@ def _summary(rows: list[dict], contexts: list[int]) -> dict:
         xs = [r["downtime_ms"] for r in rows if r["context"] == ctx and r["mode"] == mode
               and r["state"] == "done"]
         return statistics.median(xs) if xs else float("nan")
+    def step(ctx: int) -> float:
+        xs = [r["step_ms_before"] for r in rows if r["context"] == ctx and r["mode"] == "precopy"
+              and r["step_ms_before"]]
+        return statistics.median(xs) if xs else float("nan")
     lo, hi = min(contexts), max(contexts)
     slow = [r["step_ms_during_precopy"] / r["step_ms_before"] for r in rows
             if r["mode"] == "precopy" and r["step_ms_during_precopy"] and r["step_ms_before"]]
@@ -94,6 +98,10 @@ def _summary(rows: list[dict], contexts: list[int]) -> dict:
         f"downtime_vs_stop_and_copy_{hi // 1024}k": dt(hi, "precopy") / dt(hi, "stop_and_copy"),
         f"downtime_vs_recompute_{hi // 1024}k": dt(hi, "precopy") / dt(hi, "recompute"),
         "source_step_slowdown_during_precopy": statistics.median(slow) if slow else None,
+        # The pause in engine steps of the request's own context (median
+        # downtime over the median step time before the migration): what stays
+        # flat when a longer context makes every step slower.
+        "downtime_steps_precopy": {c: dt(c, "precopy") / step(c) for c in contexts},
         "downtime_ms_precopy": {c: dt(c, "precopy") for c in contexts},
         "downtime_ms_stop_and_copy": {c: dt(c, "stop_and_copy") for c in contexts},
         "downtime_ms_recompute": {c: dt(c, "recompute") for c in contexts},
