@@ -1,0 +1,150 @@
+"""The source side of a migration, as agent RPC verbs: `track` (the engine
+will hold the request's blocks if it is aborted), `stop` (abort it and return
+its sealed state), `release` (free the held blocks), and how the agent learns
+the engine's answers: pushed over the notify socket, with polling as the
+fallback. Mixed into `Agent`."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from llumigrate.agent.request import AgentRequest
+from llumigrate.agent.rpc import Connection
+from llumigrate.engine.notify import NotifyListener
+from llumigrate.engine.params import SealedRequest
+from llumigrate.errors import MigrationAborted
+
+# Fallback poll period of engine state the engine also pushes (engine/notify.py).
+POLL_S = 0.02
+
+
+class SourceVerbs:
+    rt: Any
+    notify: NotifyListener | None
+
+    def _live(self, rid: str) -> AgentRequest:
+        raise NotImplementedError
+
+    async def rpc_track(self, conn: Connection, rid: str, timeout: float = 5.0) -> bool:
+        """Prepare `rid` to be stopped: returns once the engine will hold its
+        blocks on abort."""
+        self._live(rid)
+        if await self.rt.rpc("llumigrate_track", rid):
+            return True
+
+        async def polled() -> dict:
+            while not await self.rt.rpc("llumigrate_track", rid):
+                await asyncio.sleep(POLL_S)
+            return {}
+        pushed = None
+        if self.notify is not None:
+            notify = self.notify
+
+            async def pushed() -> dict:
+                return await notify.wait("tracked", rid, timeout)
+        try:
+            await self._first_of(polled, pushed, timeout, "engine did not acknowledge tracking",
+                                 "reserving")
+        finally:
+            if self.notify is not None:
+                self.notify.discard("tracked", rid)
+        return True
+
+    async def rpc_untrack(self, conn: Connection, rid: str) -> None:
+        await self.rt.rpc("llumigrate_untrack", rid)
+
+    async def rpc_stop(self, conn: Connection, rid: str, timeout: float = 5.0) -> dict:
+        """Stop `rid` and return its sealed state, or {"finished": reason} if it
+        finished before the stop took effect."""
+        req = self._live(rid)
+        req.stopping = True
+        await self.rt.abort(rid)
+        await asyncio.wait_for(req.done.wait(), timeout)
+        reason = req.result["reason"] if req.result else None
+        if reason not in (None, "abort"):
+            # It finished for real before the abort landed: deliver what was
+            # withheld, and tell the controller there is nothing to migrate.
+            await self._deliver_withheld(req)
+            return {"finished": reason}
+        res = await self._sealed(rid, timeout)
+        if "finished" in res:  # it finished for real in the step the abort reached
+            await self._deliver_withheld(req, res)
+            return {"finished": res["finished"]}
+        return res
+
+    async def _deliver_withheld(self, req: AgentRequest, final: dict | None = None) -> None:
+        """Send the client the events withheld while stopping. With `final`
+        (the engine's record of a request that finished as it was stopped),
+        also the tokens the abort kept from the output stream, and the finish."""
+        req.stopping = False
+        if req.conn is None:
+            return
+        for event in req.held_back:
+            await req.conn.push("out", **(event if final is None else {**event, "finished": False}))
+        if final is not None:
+            tail = final["tokens"][final["num_prompt_tokens"] + req.num_tokens:]
+            await req.conn.push("out", rid=req.rid, tokens=tail, finished=True,
+                                reason=final["finished"], stop_reason=final.get("stop_reason"))
+
+    async def _sealed(self, rid: str, timeout: float) -> dict:
+        """{"sealed": record} of stopped `rid`, from the engine's pushes (the
+        scheduler's `held`, plus the worker's `held_gen` for seeded requests)
+        or from polling the worker if a push does not come; or {"finished":
+        reason, "tokens", ...} when the engine finished it for real instead."""
+        async def polled() -> dict:
+            while (sealed := await self.rt.rpc("llumigrate_sealed", rid)) is None:
+                await asyncio.sleep(POLL_S)
+            return {"sealed": sealed}
+
+        async def pushed() -> dict:
+            assert self.notify is not None
+            held = await self.notify.wait("held", rid, timeout)
+            if held.get("finished"):
+                return {"finished": str(held["finished"]), "stop_reason": held.get("stop_reason"),
+                        "tokens": [int(t) for t in held["tokens"]],
+                        "num_prompt_tokens": int(held["num_prompt_tokens"])}
+            gen = None
+            if held.get("seeded"):
+                gen = (await self.notify.wait("held_gen", rid, timeout)).get("gen")
+            sealed = SealedRequest(rid, [int(t) for t in held["tokens"]], int(held["num_prompt_tokens"]),
+                                   int(held["num_computed_tokens"]), int(held["num_blocks"]), gen)
+            return {"sealed": sealed.to_wire()}
+
+        try:
+            return await self._first_of(polled, pushed if self.notify is not None else None, timeout,
+                                        "source did not seal the request", "stopping")
+        finally:
+            if self.notify is not None:
+                self.notify.discard("held", rid)
+                self.notify.discard("held_gen", rid)
+
+    async def _first_of(self, polled, pushed, timeout: float, error: str, stage: str) -> dict:
+        """Whichever answers first: the engine's push (`pushed`) or the `polled`
+        fallback, which starts a little later so that pushes normally win."""
+        async def late_poll() -> dict:
+            if pushed is not None:
+                await asyncio.sleep(0.1)
+            return await polled()
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        pending = {asyncio.ensure_future(late_poll())}
+        if pushed is not None:
+            pending.add(asyncio.ensure_future(pushed()))
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, timeout=max(0.0, deadline - loop.time()),
+                                                   return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    break
+                for t in done:
+                    if t.exception() is None:
+                        return t.result()
+            raise MigrationAborted(error, stage)
+        finally:
+            for t in pending:
+                t.cancel()
+
+    async def rpc_release(self, conn: Connection, rid: str) -> bool:
+        return bool(await self.rt.rpc("llumigrate_release", rid))
