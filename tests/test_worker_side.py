@@ -57,3 +57,26 @@ def test_pulls_are_served_from_running_and_held_requests_and_refused_with_a_reas
     assert w.release("k#0") is True
     with pytest.raises(TransferRefused, match="it left: released"):
         w._provide(PullRequest("k#0", 0, 1))
+
+
+def test_a_request_readmitted_after_preemption_is_not_loaded_again():
+    """vLLM asks the connector again when it re-admits a preempted request.
+    Its final load already released the source's hold: claiming the tokens
+    again would pull from nothing and fail the request (seen in
+    bench_serving under preemption pressure). It recomputes instead."""
+    from types import SimpleNamespace
+
+    from llumigrate.engine.params import LoadSpec, RequestTag
+    from llumigrate.engine.scheduler_side import SchedulerSide
+
+    side = SchedulerSide(block_size=4, extra={"sync_load_max_blocks": 0})
+    tag = RequestTag("r#1", LoadSpec("127.0.0.1", 1, "r#0", 16, final=True))
+    req = SimpleNamespace(request_id="r#1-x", kv_transfer_params=tag.to_params(), num_tokens=17)
+    side.on_new_request(req)
+    assert side.get_num_new_matched_tokens(req, 0) == (16, True)
+    side.update_state_after_alloc(req, SimpleNamespace(get_block_ids=lambda: [[7, 8, 9, 10, 11]]), 16)
+    cached = SimpleNamespace(req_ids=[], new_block_ids=[], resumed_req_ids=set())
+    meta = side.build_connector_meta(SimpleNamespace(scheduled_new_reqs=[], scheduled_cached_reqs=cached))
+    assert [job.dest_block_ids for job in meta.loads] == [[7, 8, 9, 10]]
+    # Preempted after the load, then re-admitted with nothing computed:
+    assert side.get_num_new_matched_tokens(req, 0) == (0, False)

@@ -77,6 +77,11 @@ class SchedulerSide:
         tag = self._tags.get(request.request_id)
         if tag is None or tag.load is None:
             return 0, False
+        if request.request_id in self._loads:
+            # Asked again: vLLM preempted the request after its load and now
+            # re-admits it. The source may have freed what it held (a final
+            # load releases it), so recompute from here like vLLM would.
+            return 0, False
         # NOTE: vLLM must compute at least one token itself, so never claim the
         # last position even if the source has it.
         limit = min(tag.load.num_tokens, request.num_tokens - 1)
