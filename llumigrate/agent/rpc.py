@@ -7,8 +7,9 @@ Frames: 4-byte big-endian length, then a msgpack map. Calls are
 server pushes are `{"event", ...}`; pushes queued with `push_batched` within
 one event-loop turn travel as one `{"event": "batch", "events": [...]}` frame
 (one per engine step instead of one per request), unpacked by the client.
-msgpack only decodes plain data, so nothing from the wire is ever unpickled. A handler exception becomes an error reply;
-it never closes the connection or the server.
+msgpack only decodes plain data, so nothing from the wire is ever unpickled.
+A handler exception becomes an error reply; it never closes the connection or
+the server.
 """
 
 from __future__ import annotations

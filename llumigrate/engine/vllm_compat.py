@@ -73,7 +73,6 @@ def request_sampler_state(model_runner: Any, req_id: str) -> Any | None:
     return requests.get(req_id)
 
 
-
 def bound_mq_spin(spin_s: float, recheck_s: float = 0.02) -> bool:
     """Bound how long vLLM's shared-memory message-queue readers busy-wait.
 
