@@ -53,3 +53,37 @@ def test_failover_gives_up_when_no_instance_takes_it():
         c.requests["r"] = h
         return await c._failover(h)
     assert asyncio.run(go()) is False
+
+
+def test_failover_falls_back_to_its_own_instance_when_it_is_the_only_one_up():
+    """A rollback whose resumed hop found its hold gone (the destination's
+    final pull had freed it) while every other instance was down: replay on
+    the source itself rather than fail the stream (the CI stress failure
+    'the resumed request failed on the source')."""
+    async def go():
+        c = Cluster("unused-model", 0)
+        c.instances = {"i0": FakeInstance("i0", True), "i1": FakeInstance("i1", True),
+                       "i2": FakeInstance("i2", True)}
+        c.instances["i1"].up = c.instances["i2"].up = False
+        h = RequestHandle("r", [5, 6, 7], {"temperature": 0.0, "max_tokens": 8}, 0, "i0")
+        h.output_token_ids = [9]
+        c.requests["r"] = h
+        return await c._failover(h), h, c.instances
+    ok, h, insts = asyncio.run(go())
+    assert ok and h.instance_id == "i0" and h.num_failovers == 1
+    gen = [a for m, a in insts["i0"].calls if m == "generate"]
+    assert len(gen) == 1 and gen[0]["prompt_token_ids"] == [5, 6, 7, 9]
+    assert not insts["i1"].calls and not insts["i2"].calls
+
+
+def test_failover_tries_its_own_instance_once_and_only_last():
+    async def go():
+        c = Cluster("unused-model", 0)
+        c.instances = {"i0": FakeInstance("i0", False), "i1": FakeInstance("i1", False)}
+        h = RequestHandle("r", [5, 6, 7], {"temperature": 0.0, "max_tokens": 8}, 0, "i0")
+        c.requests["r"] = h
+        return await c._failover(h), c.instances
+    ok, insts = asyncio.run(go())
+    assert ok is False
+    assert [m for m, _ in insts["i1"].calls] == ["generate", "abort"]
+    assert [m for m, _ in insts["i0"].calls] == ["generate", "abort"]

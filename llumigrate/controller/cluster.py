@@ -279,13 +279,18 @@ class Cluster:
 
     async def _failover(self, h: RequestHandle) -> bool:
         """Replay `h` on another live instance, trying each in turn (one may
-        be going down too); False if none took it."""
-        source, tried = h.instance_id, {h.instance_id}
+        be going down too), and last on its own instance if that is still up
+        (a migration rollback whose resumed hop found its hold gone, with
+        every other instance down); False if none took it."""
+        source, tried, own_tried = h.instance_id, {h.instance_id}, False
         while True:
             try:
                 dst = self._pick(exclude=tried)
             except InstanceLost:
-                return False
+                own = self.instances.get(source)
+                if own_tried or own is None or not own.up:
+                    return False
+                dst, own_tried = own, True
             tried.add(dst.instance_id)
             self._notify("on_failover", h, source, dst.instance_id)
             try:

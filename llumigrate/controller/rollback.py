@@ -79,8 +79,9 @@ class RollbackSteps:
     async def _replay_elsewhere(self, error: Exception) -> bool:
         """The stopped request cannot resume from its held blocks: its source
         died, the stop never sealed it (nothing exact to resume from), or the
-        resumed hop failed (its hold was gone). Hand it to failover (token
-        replay) when there is one; True if it took it."""
+        resumed hop failed (its hold was gone: the destination's final pull had
+        freed it). Hand it to failover (token replay on another instance, or
+        on the source itself when no other is up); True if it took it."""
         if self.on_source_lost is None:
             return False
         if self.src.up:  # make sure nothing of the stopped or resumed hop lives on or stays held
