@@ -6,6 +6,8 @@ at `max_tokens` ("length"), at EOS unless `ignore_eos` or at a stop token id
 ("stop"), never before `min_tokens`. Tokens are delivered through the
 controller's real `RequestHandle` in deltas of `chunk_sizes` (cycled), and
 the handle's hop is bumped every `hop_every` tokens to mimic migrations.
+With `logprobs` in the sampling dict each token comes with `fake_logprobs`
+(none for positions in `lost_logprobs`, like a token recovered at a stop).
 """
 
 from __future__ import annotations
@@ -39,6 +41,14 @@ class FakeConfig:
     hop_every: int = 0
     delay_s: float = 0.0
     fail_after: int | None = None  # finish with an error after this many tokens
+    lost_logprobs: tuple[int, ...] = ()  # output positions that come without logprobs
+
+
+def fake_logprobs(pos: int, token: int, num_top: int) -> list[list]:
+    """Position `pos`'s logprobs: the sampled token first (rank 1), then
+    `num_top` others with falling logprobs."""
+    return [[token, -0.25 - pos / 100, 1]] + [[token + k, -1.0 * k - pos / 100, k + 1]
+                                               for k in range(1, num_top + 1)]
 
 
 class FakeBackend(GenerateBackend):
@@ -99,8 +109,12 @@ class FakeBackend(GenerateBackend):
             if cfg.delay_s:
                 await asyncio.sleep(cfg.delay_s)
             step = tokens[pos:pos + next(sizes)]
+            logprobs = None
+            if h.sampling.get("logprobs") is not None:
+                logprobs = [None if pos + i in cfg.lost_logprobs else
+                            fake_logprobs(pos + i, t, h.sampling["logprobs"]) for i, t in enumerate(step)]
             pos += len(step)
-            h.append(step)
+            h.append(step, logprobs)
             if cfg.hop_every and pos // cfg.hop_every > h.hop:
                 h.hop += 1
                 await asyncio.sleep(0)  # a migration boundary: let the consumer run

@@ -216,7 +216,9 @@ def _engine_sampling_fields() -> set[str]:
 
 BAD_COMPLETIONS = [
     ({"n": 2}, "n"),
-    ({"logprobs": 1}, "logprobs"),
+    ({"logprobs": 21}, "logprobs"),
+    ({"logprobs": -1}, "logprobs"),
+    ({"logprobs": 1, "echo": True}, "echo"),
     ({"best_of": 2}, "best_of"),
     ({"stream": True, "echo": True}, "echo"),
     ({"max_tokens": "many"}, "max_tokens"),
@@ -243,7 +245,8 @@ def test_completion_rejections(served, backend, extra, param):
     assert len(backend.submissions) == before
 
 
-@pytest.mark.parametrize("extra,param", [({"logprobs": True}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs"),
+@pytest.mark.parametrize("extra,param", [({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+                                         ({"top_logprobs": 2}, "top_logprobs"),
                                          ({"n": 3}, "n"), ({"messages": []}, "messages"),
                                          ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools")])
 def test_chat_rejections(served, extra, param):
@@ -260,7 +263,7 @@ def test_unknown_model_and_bad_json(served, client):
     r = httpx.post(served.url + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400
     with pytest.raises(openai.BadRequestError, match="not supported"):
-        client.completions.create(model="tiny", prompt="hi", logprobs=2)
+        client.completions.create(model="tiny", prompt="hi", suffix="!")
 
 
 # -- failures and disconnects -----------------------------------------------------------------

@@ -38,6 +38,11 @@ async def _reference(cluster, prompt, sampling):
     return h.output_token_ids
 
 
+async def _reference_handle(cluster, prompt, sampling):
+    h = await cluster.submit(prompt, sampling, instance="i0")
+    return await h.wait(120)
+
+
 async def _migrated(cluster, prompt, sampling, hops: list[tuple[int, str]], cfg=None):
     """Run the request, migrating to `dst` once it has `n` output tokens."""
     h = await cluster.submit(prompt, sampling, instance="i0")
@@ -82,6 +87,27 @@ def test_seeded_exact_across_several_migrations(loop, cluster, baseline):
     assert all(r.committed for r in results), results
     assert h.output_token_ids == ref
     assert h.num_migrations == 3
+    _assert_clean(loop, cluster, baseline)
+
+
+@pytest.mark.parametrize("base", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+def test_logprobs_carried_across_migrations(loop, cluster, baseline, base):
+    """Every output token keeps its logprobs across migrations, the one the
+    stop's step sampled included (its output still streams from the source),
+    and they match the run without migration."""
+    prompt, sp = prompt_of(150, 5), {**base, "max_tokens": 500, "logprobs": 3}
+    ref = loop.run(_reference_handle(cluster, prompt, sp))
+    h, results = loop.run(_migrated(cluster, prompt, sp, [(15, "i1"), (100, "i0")]))
+    assert all(r.committed for r in results), results
+    assert h.output_token_ids == ref.output_token_ids
+    got, want = h.output_logprobs, ref.output_logprobs
+    assert len(got) == len(want) == len(ref.output_token_ids)
+    lost = [i for i, e in enumerate(got) if e is None]
+    assert not lost, f"positions without logprobs: {lost}"
+    for i, (g, w, t) in enumerate(zip(got, want, ref.output_token_ids)):
+        assert g[0][0] == t and len(g) in (3, 4), (i, g)  # the sampled token first, then the top 3
+        assert [e[0] for e in g] == [e[0] for e in w], i
+        assert max(abs(a[1] - b[1]) for a, b in zip(g, w)) < 1e-3, (i, g, w)
     _assert_clean(loop, cluster, baseline)
 
 

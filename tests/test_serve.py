@@ -94,19 +94,24 @@ def test_chat_stream_survives_a_migration(loop, service, clean):
 
     async def go():
         client, ctl = _openai(service), _control(service)
-        ref = await client.chat.completions.create(model="tiny", messages=messages, max_tokens=600,
-                                                   temperature=0, extra_body={"ignore_eos": True})
-        stream = await client.chat.completions.create(model="tiny", messages=messages, max_tokens=600,
-                                                      temperature=0, stream=True,
-                                                      extra_body={"ignore_eos": True})
+        kw = dict(model="tiny", messages=messages, max_tokens=600, temperature=0, logprobs=True,
+                  top_logprobs=2, extra_body={"ignore_eos": True})
+        ref = await client.chat.completions.create(**kw)
+        stream = await client.chat.completions.create(stream=True, **kw)
         r = await _running_request(ctl)
         result = await ctl.migrate(r.id, await _other(ctl, r.instance_id))
-        parts = [c.choices[0].delta.content or "" async for c in stream if c.choices]
+        chunks = [c async for c in stream if c.choices]
         await ctl.close()
-        return ref, "".join(parts), result
-    ref, text, result = loop.run(go())
+        return ref, chunks, result
+    ref, chunks, result = loop.run(go())
     assert result.state == "done", result
-    assert text == ref.choices[0].message.content
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == ref.choices[0].message.content
+    # Logprobs travel with their tokens across the migration and match the unmigrated run.
+    got = [e for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    want = ref.choices[0].logprobs.content
+    assert [e.token for e in got] == [e.token for e in want] and len(want) == 600
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(got, want)) < 1e-3
+    assert all(len(e.top_logprobs) == 2 for e in got)
 
 
 def test_drain_empties_an_instance_while_streams_continue(loop, service, clean):

@@ -124,6 +124,8 @@ class Agent(SourceVerbs):
                 if req.conn is not None and (d.token_ids or d.finished):
                     event = {"rid": req.rid, "tokens": d.token_ids, "finished": d.finished,
                              "reason": d.finish_reason, "stop_reason": plain_stop_reason(d.stop_reason)}
+                    if d.logprobs is not None:
+                        event["logprobs"] = d.logprobs
                     if req.stopping:
                         req.held_back.append(event)
                     else:

@@ -17,6 +17,10 @@ from llumigrate.errors import MigrationAborted
 
 # Fallback poll period of engine state the engine also pushes (engine/notify.py).
 POLL_S = 0.02
+# How long a stopped request's stream may take to deliver the engine's last
+# step (normally it is there before the sealed record): past it, the tokens
+# are recovered from the record, without logprobs.
+CATCH_UP_S = 1.0
 
 
 class SourceVerbs:
@@ -56,32 +60,77 @@ class SourceVerbs:
 
     async def rpc_stop(self, conn: Connection, rid: str, timeout: float = 5.0) -> dict:
         """Stop `rid` and return its sealed state, or {"finished": reason} if it
-        finished before the stop took effect."""
+        finished before the stop took effect.
+
+        The abort goes to the engine core only, so the output of the step it
+        did not reach still streams here (with its logprobs); once the sealed
+        record arrives and the stream has caught up with it, the stream is
+        ended and those tokens go to the client before this reply."""
         req = self._live(rid)
         req.stopping = True
-        await self.rt.abort(rid)
-        await asyncio.wait_for(req.done.wait(), timeout)
+        if not await self.rt.stop(rid):  # the engine frontend no longer knows it
+            await self.rt.abort(rid)
+        sealed = asyncio.ensure_future(self._sealed(rid, timeout))
+        done = asyncio.ensure_future(req.done.wait())
+        try:
+            await asyncio.wait({sealed, done}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            done.cancel()
         reason = req.result["reason"] if req.result else None
         if reason not in (None, "abort"):
             # It finished for real before the abort landed: deliver what was
             # withheld, and tell the controller there is nothing to migrate.
+            sealed.cancel()
             await self._deliver_withheld(req)
             return {"finished": reason}
-        res = await self._sealed(rid, timeout)
+        try:
+            res = await sealed
+        except BaseException:
+            await self._end_stream(req, None, timeout)
+            raise
+        await self._end_stream(req, res, timeout)
         if "finished" in res:  # it finished for real in the step the abort reached
             await self._deliver_withheld(req, res)
             return {"finished": res["finished"]}
+        await self._deliver_tokens(req)
         return res
 
-    async def _deliver_withheld(self, req: AgentRequest, final: dict | None = None) -> None:
-        """Send the client the events withheld while stopping. With `final`
-        (the engine's record of a request that finished as it was stopped),
-        also the tokens the abort kept from the output stream, and the finish."""
+    async def _end_stream(self, req: AgentRequest, res: dict | None, timeout: float) -> None:
+        """Let the stream catch up with the engine's record `res` (bounded:
+        tokens it misses are recovered from the record, without logprobs),
+        then end it."""
+        if res is not None and not req.finished:
+            record = res.get("sealed") or res
+            want = len(record["tokens"]) - int(record["num_prompt_tokens"])
+            deadline = asyncio.get_running_loop().time() + min(timeout, CATCH_UP_S)
+            while req.num_tokens < want and not req.finished and \
+                    asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.002)
+        if not req.finished:
+            await self.rt.abort(req.rid)
+        await asyncio.wait_for(req.done.wait(), timeout)
+
+    async def _deliver_tokens(self, req: AgentRequest) -> None:
+        """A stopped request's withheld tokens (not its end) go to the client."""
         req.stopping = False
         if req.conn is None:
             return
         for event in req.held_back:
-            await req.conn.push("out", **(event if final is None else {**event, "finished": False}))
+            if event["tokens"]:
+                await req.conn.push("out", **{**event, "finished": False, "reason": None})
+
+    async def _deliver_withheld(self, req: AgentRequest, final: dict | None = None) -> None:
+        """Send the client the events withheld while stopping. With `final`
+        (the engine's record of a request that finished as it was stopped),
+        also the tokens the stream missed, and the finish."""
+        req.stopping = False
+        if req.conn is None:
+            return
+        for event in req.held_back:
+            if final is None:
+                await req.conn.push("out", **event)
+            elif event["tokens"]:
+                await req.conn.push("out", **{**event, "finished": False, "reason": None})
         if final is not None:
             tail = final["tokens"][final["num_prompt_tokens"] + req.num_tokens:]
             await req.conn.push("out", rid=req.rid, tokens=tail, finished=True,

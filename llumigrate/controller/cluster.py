@@ -233,7 +233,7 @@ class Cluster:
         if h is None or h.engine_rid != msg["rid"]:
             return  # a stale hop (stopped for migration) or a carrier
         tokens = msg.get("tokens") or []
-        if not h.append(tokens):
+        if not h.append(tokens, msg.get("logprobs")):
             self._spawn(self._abort_diverged(h))
             return
         self._hop_tokens[h.request_id] = self._hop_tokens.get(h.request_id, 0) + len(tokens)

@@ -35,6 +35,9 @@ class MigrationResult:
     blocks_hit_at_commit: int = 0
     blocks_loaded_at_commit: int = 0
     context_tokens: int = 0
+    # Tokens the stopped source's stream missed, taken from its sealed record
+    # (they carry no logprobs; normally 0: the stream catches up first).
+    recovered_tokens: int = 0
     # Client-visible pause: the last token from the source (including tokens
     # recovered at the stop, which reach the client then) to the first token
     # from the destination.
@@ -196,6 +199,7 @@ class Coordinator(RollbackSteps):
         assert s.tokens[: len(req.all_token_ids)] == req.all_token_ids[: len(s.tokens)], \
             "sealed tokens diverge from the delivered stream"
         req.append(recovered)
+        self.result.recovered_tokens = len(recovered)
         self._last_src_token_at = req.last_token_at
         self.result.context_tokens = len(s.tokens)
         self.m.on_stopped()

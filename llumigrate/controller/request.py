@@ -20,6 +20,10 @@ class StreamDelta:
     token_ids: list[int]
     finished: bool = False
     finish_reason: str | None = None
+    # When the request asked for logprobs: per token, [[token_id, logprob,
+    # rank], ...] (the sampled token first), or None where a token's logprobs
+    # were lost (a token recovered from a stopped source's record).
+    logprobs: list[list[list] | None] | None = None
 
 
 @dataclass
@@ -31,6 +35,8 @@ class RequestHandle:
     instance_id: str
     hop: int = 0
     output_token_ids: list[int] = field(default_factory=list)
+    # Aligned with output_token_ids when the request asked for logprobs, else None.
+    output_logprobs: list[list[list] | None] | None = None
     finished: bool = False
     finish_reason: str | None = None
     stop_reason: object = None
@@ -64,24 +70,37 @@ class RequestHandle:
         return self.prompt_token_ids + self.output_token_ids
 
     # -- fed by the controller ---------------------------------------------------
-    def append(self, tokens: list[int]) -> bool:
-        """Add a hop's new tokens. False if they contradict the tokens a
-        failover replay was expected to reproduce (nothing is added then)."""
+    def __post_init__(self) -> None:
+        if self.output_logprobs is None and self.sampling.get("logprobs") is not None:
+            self.output_logprobs = []
+
+    def append(self, tokens: list[int], logprobs: list | None = None) -> bool:
+        """Add a hop's new tokens (and their logprobs, one entry per token,
+        when the request asked for them). False if they contradict the tokens
+        a failover replay was expected to reproduce (nothing is added then)."""
+        if logprobs is not None and len(logprobs) != len(tokens):
+            logprobs = None  # misaligned: never attach a token's logprobs to another
         if self.replay_expected and tokens:
             n = min(len(tokens), len(self.replay_expected))
             if list(tokens[:n]) != self.replay_expected[:n]:
                 return False
             del self.replay_expected[:n]
             tokens = tokens[n:]
+            logprobs = logprobs[n:] if logprobs is not None else None
         if not tokens:
             return True
+        if self.output_logprobs is not None:
+            logprobs = list(logprobs) if logprobs is not None else [None] * len(tokens)
+            self.output_logprobs.extend(logprobs)
+        else:
+            logprobs = None
         now = time.monotonic()
         if self.first_token_at is None:
             self.first_token_at = now
         self.last_token_at = now
         self.token_times.append(now)
         self.output_token_ids.extend(tokens)
-        self._queue.put_nowait(StreamDelta(list(tokens)))
+        self._queue.put_nowait(StreamDelta(list(tokens), logprobs=logprobs))
         self._token_event.set()
         return True
 

@@ -106,8 +106,10 @@ class RollbackSteps:
             raise MigrationAborted("source request was stopped but never sealed", "stopping")
         # Tokens the destination produced before failing are kept only if it
         # committed; here it did not, so continue from the sealed list.
-        del req.output_token_ids[len(sealed.tokens) - len(req.prompt_token_ids):]
         generated = len(sealed.tokens) - len(req.prompt_token_ids)
+        del req.output_token_ids[generated:]
+        if req.output_logprobs is not None:
+            del req.output_logprobs[generated:]
         self.on_hop(req, self.src, req.hop + 1)  # a fresh hop id, never reused
         # Like a commit: a hop that fails before its first token (say, its
         # KV load found the hold gone) is reported here, not to the client.

@@ -22,7 +22,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.metrics.loggers import StatLoggerBase
 
 from llumigrate.engine.params import PARAMS_KEY, RequestTag
-from llumigrate.engine.vllm_compat import check_version, is_cpu_platform
+from llumigrate.engine.vllm_compat import abort_in_engine_core, check_version, is_cpu_platform
 from llumigrate.errors import ConfigError
 
 # How long an engine's shm message-queue readers busy-wait after a read, on
@@ -67,6 +67,9 @@ class Delta:
     stop_reason: Any
     kv_params: dict | None
     num_prompt_tokens: int
+    # Per new token, when the request asked for logprobs: [[token_id, logprob,
+    # rank], ...], the sampled token first, then the top ones.
+    logprobs: list[list[list]] | None = None
 
 
 class _LoadLogger(StatLoggerBase):
@@ -134,6 +137,15 @@ def parse_engine_args(model: str, engine_argv: list[str], *, kv_host: str = "127
     )
 
 
+def wire_logprobs(positions: Any) -> list[list[list]] | None:
+    """vLLM's sample logprobs (per position, {token_id: Logprob}) as plain
+    lists for msgpack: per position [[token_id, logprob, rank], ...]."""
+    if positions is None:
+        return None
+    return [[[int(t), float(lp.logprob), lp.rank] for t, lp in (pos or {}).items()]
+            for pos in positions]
+
+
 def sampling_params(d: dict, tag: RequestTag, *, stream: bool = True) -> SamplingParams:
     unknown = set(d) - set(SAMPLING_FIELDS)
     if unknown:
@@ -176,10 +188,16 @@ class EngineRuntime:
             c = out.outputs[0]
             kvp = out.kv_transfer_params.get(PARAMS_KEY) if out.kv_transfer_params else None
             yield Delta(list(c.token_ids), out.finished, c.finish_reason, c.stop_reason, kvp,
-                        len(out.prompt_token_ids or ()))
+                        len(out.prompt_token_ids or ()), wire_logprobs(c.logprobs))
 
     async def abort(self, request_id: str) -> None:
         await self.llm.abort(request_id)
+
+    async def stop(self, request_id: str) -> bool:
+        """Abort in the engine core only: the output of the step in flight
+        still streams (see `vllm_compat.abort_in_engine_core`); `abort` ends
+        the stream after."""
+        return await abort_in_engine_core(self.llm, request_id)
 
     def set_free_blocks(self, free: int) -> None:
         """The block pool's own free count (pushed by the connector): exact

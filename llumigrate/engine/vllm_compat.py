@@ -1,9 +1,11 @@
 """Every vLLM import of llumigrate, and the only access to vLLM internals.
 
 Public extension points (KVConnectorBase_V1, worker extensions, AsyncLLM) are
-re-exported here. The two private accesses llumigrate needs (a worker
-request's sampler generator and output count, for exact seeded migration)
-are isolated below and checked against the supported version at import.
+re-exported here. The private accesses llumigrate needs (a worker request's
+sampler generator and output count, for exact seeded migration; the engine
+message queue's spin; the frontend's request-id table, to stop a request in
+the engine core without dropping its last step's output) are isolated below
+and checked against the supported version at import.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ __all__ = [
     "KVConnectorBase_V1", "KVConnectorMetadata", "KVConnectorRole", "KVConnectorWorkerMetadata",
     "get_kv_transfer_group", "has_kv_transfer_group", "yield_req_data", "check_version",
     "is_aborted", "finish_reason", "is_seeded", "request_sampler_state", "bound_mq_spin", "is_cpu_platform",
+    "abort_in_engine_core",
 ]
 
 
@@ -105,4 +108,23 @@ def bound_mq_spin(spin_s: float, recheck_s: float = 0.02) -> bool:
 
     cond._llumigrate_original_wait = original
     cond.wait = wait
+    return True
+
+
+async def abort_in_engine_core(llm: Any, request_id: str) -> bool:
+    """Abort `request_id` in the engine core only, leaving `AsyncLLM`'s own
+    record of it (its output processor state) in place: the output of a step
+    the abort did not reach still arrives, with its logprobs, instead of being
+    dropped as `AsyncLLM.abort` drops it. The caller ends the request's stream
+    with `AsyncLLM.abort` afterwards. False if the frontend does not know it.
+
+    PRIVATE: `OutputProcessor.external_req_ids` maps the caller's request id
+    to the engine core's internal ids (the id plus a random suffix)."""
+    table = getattr(llm.output_processor, "external_req_ids", None)
+    if table is None:
+        raise RuntimeError("this vLLM's output processor has no `external_req_ids` table")
+    internal = list(table.get(request_id, ()))
+    if not internal:
+        return False
+    await llm.engine_core.abort_requests_async(internal)
     return True

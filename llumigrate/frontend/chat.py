@@ -7,7 +7,8 @@ from collections.abc import AsyncIterator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from llumigrate.frontend.params import check_model, check_supported
+from llumigrate.frontend.logprobs import TokenText, chat_logprobs
+from llumigrate.frontend.params import check_model, check_supported, num_logprobs
 from llumigrate.frontend.protocol import ChatCompletionRequest, parse_body
 from llumigrate.frontend.serving import Job, Service, run_to_end, sse_response, start_job
 
@@ -24,11 +25,15 @@ async def create_chat_completion(svc: Service, body: object, request: Request) -
     job = await start_job(svc, req, prompt_ids, requested, "chatcmpl")
     role = _role(req)
     if req.stream:
-        return sse_response(_chunks(job, role))
+        return sse_response(_chunks(job, role, svc.tokenizer.token_text))
     text = await run_to_end(job, request)
     out = job.gen.output
+    logprobs = None
+    if (num_top := num_logprobs(req)) is not None:
+        logprobs = chat_logprobs(svc.tokenizer.token_text, out.token_ids,
+                                 out.logprobs or [None] * len(out.token_ids), num_top)
     choice = {"index": 0, "message": {"role": role, "content": text, "tool_calls": []},
-              "logprobs": None, "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}
+              "logprobs": logprobs, "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}
     return JSONResponse({**_head(job, "chat.completion"), "choices": [choice], "usage": job.usage()})
 
 
@@ -43,25 +48,32 @@ def _head(job: Job, kind: str) -> dict:
     return {"id": job.id, "object": kind, "created": job.created, "model": job.model}
 
 
-async def _chunks(job: Job, role: str) -> AsyncIterator[dict]:
+async def _chunks(job: Job, role: str, text_of: TokenText) -> AsyncIterator[dict]:
     """The role first (with the first output, as vLLM does), then content
-    deltas; updates with no text are skipped unless they finish the request."""
+    deltas; updates with no text are skipped unless they finish the request
+    or carry logprobs."""
     first = True
+    num_top = num_logprobs(job.req)
     async for update in job.gen.updates():
         if first:
             first = False
             yield _chunk(job, {"role": role, "content": ""}, None, None, job.continuous_usage)
-        if not update.text and update.finish_reason is None:
+        logprobs = None
+        if num_top is not None and update.token_ids:
+            logprobs = chat_logprobs(text_of, update.token_ids,
+                                     update.logprobs or [None] * len(update.token_ids), num_top)
+        if not update.text and update.finish_reason is None and logprobs is None:
             continue
         delta = {"content": update.text} if update.text else {}
-        yield _chunk(job, delta, update.finish_reason, update.stop_reason, job.continuous_usage)
+        yield _chunk(job, delta, update.finish_reason, update.stop_reason, job.continuous_usage,
+                     logprobs)
     if job.include_usage:
         yield {**_head(job, "chat.completion.chunk"), "choices": [], "usage": job.usage()}
 
 
 def _chunk(job: Job, delta: dict, finish_reason: str | None, stop_reason: int | str | None,
-           with_usage: bool) -> dict:
-    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+           with_usage: bool, logprobs: dict | None = None) -> dict:
+    choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     if finish_reason is not None:
         choice["stop_reason"] = stop_reason
     chunk = {**_head(job, "chat.completion.chunk"), "choices": [choice]}

@@ -8,6 +8,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from llumigrate.frontend.errors import bad_request, unsupported
+from llumigrate.frontend.logprobs import TokenText, completion_logprobs
 from llumigrate.frontend.params import check_model, check_supported
 from llumigrate.frontend.protocol import CompletionRequest, parse_body
 from llumigrate.frontend.serving import Job, Service, run_to_end, sse_response, start_job
@@ -20,12 +21,16 @@ async def create_completion(svc: Service, body: object, request: Request) -> Res
     prompt_ids = prompt_token_ids(req, svc)
     job = await start_job(svc, req, prompt_ids, req.max_tokens, "cmpl")
     if req.stream:
-        return sse_response(_chunks(job))
+        return sse_response(_chunks(job, svc.tokenizer.token_text))
     text = await run_to_end(job, request)
     if req.echo:
         text = _prompt_text(req, svc, prompt_ids) + text
     out = job.gen.output
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": out.finish_reason,
+    logprobs = None
+    if req.logprobs is not None:
+        logprobs = completion_logprobs(svc.tokenizer.token_text, out.token_ids,
+                                       out.logprobs or [None] * len(out.token_ids), req.logprobs, 0)
+    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason,
               "stop_reason": out.stop_reason, "prompt_logprobs": None}
     return JSONResponse({**_head(job), "choices": [choice], "usage": job.usage()})
 
@@ -59,9 +64,17 @@ def _head(job: Job) -> dict:
     return {"id": job.id, "object": "text_completion", "created": job.created, "model": job.model}
 
 
-async def _chunks(job: Job) -> AsyncIterator[dict]:
+async def _chunks(job: Job, text_of: TokenText) -> AsyncIterator[dict]:
+    num_top = job.req.logprobs
+    text_len = 0
     async for update in job.gen.updates():
-        choice = {"index": 0, "text": update.text, "logprobs": None,
+        logprobs = None
+        if num_top is not None:
+            ids = update.token_ids or []
+            logprobs = completion_logprobs(text_of, ids, update.logprobs or [None] * len(ids),
+                                           num_top, text_len)
+        text_len += len(update.text)
+        choice = {"index": 0, "text": update.text, "logprobs": logprobs,
                   "finish_reason": update.finish_reason, "stop_reason": update.stop_reason}
         chunk = {**_head(job), "choices": [choice]}
         if job.continuous_usage:

@@ -32,6 +32,8 @@ class Update:
     num_tokens: int
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None   # the new tokens
+    logprobs: list | None = None         # theirs, when the request asked for logprobs
 
 
 class Generation:
@@ -62,11 +64,14 @@ class Generation:
         try:
             while not self.output.finished:
                 deltas = await _next_batch(queue)
+                before = len(self.output.token_ids)
                 num_tokens = self._apply(deltas)
                 if not num_tokens and not self.output.finished:
                     continue
-                yield Update(self.output.take_text(), num_tokens,
-                             self.output.finish_reason, self.output.stop_reason)
+                out = self.output
+                yield Update(out.take_text(), num_tokens, out.finish_reason, out.stop_reason,
+                             out.token_ids[before:],
+                             None if out.logprobs is None else out.logprobs[before:])
         except GenerationFailed:
             self._failed = True
             raise
@@ -78,7 +83,7 @@ class Generation:
         """Feed deltas to the output; the number of output tokens they added."""
         before = len(self.output.token_ids)
         for delta in deltas:
-            self.output.add(delta.token_ids)
+            self.output.add(delta.token_ids, delta.logprobs)
             if delta.finished:
                 self._backend_done = True
                 self._finish_from_backend()

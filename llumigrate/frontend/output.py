@@ -41,6 +41,9 @@ class TextStream:
         self._detok = detok
         self._rules = rules
         self.token_ids: list[int] = []
+        # Aligned with token_ids once a token came with logprobs (None entries
+        # for tokens that came without).
+        self.logprobs: list[list[list] | None] | None = None
         self.text = ""
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
@@ -51,11 +54,16 @@ class TextStream:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def add(self, token_ids: list[int]) -> None:
-        """Append output tokens; may finish the request on a stop string."""
+    def add(self, token_ids: list[int], logprobs: list | None = None) -> None:
+        """Append output tokens (with their logprobs, one entry per token, if
+        the request asked for them); may finish the request on a stop string."""
         if self.finished or not token_ids:
             return
         first_decoded = len(self.token_ids) - (self._pending is not None)
+        if logprobs is not None or self.logprobs is not None:
+            if self.logprobs is None:
+                self.logprobs = [None] * len(self.token_ids)
+            self.logprobs.extend(logprobs if logprobs is not None else [None] * len(token_ids))
         self.token_ids.extend(token_ids)
         decode = self.token_ids[first_decoded:]
         self._pending = None
@@ -113,6 +121,8 @@ class TextStream:
         # Keep tokens up to the one completing the stop string.
         num_kept = bisect_left(offsets, begin + len(stop_str), lo=1)
         del self.token_ids[first_decoded + num_kept:]
+        if self.logprobs is not None:
+            del self.logprobs[first_decoded + num_kept:]
         self.text = self.text[:cut]
         self._pending = None
         self.finish_reason, self.stop_reason = "stop", stop_str

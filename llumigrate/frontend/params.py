@@ -7,6 +7,7 @@ from __future__ import annotations
 from http import HTTPStatus
 
 from llumigrate.frontend.errors import APIError, bad_request, unsupported
+from llumigrate.frontend.logprobs import MAX_LOGPROBS
 from llumigrate.frontend.output import StopRules
 from llumigrate.frontend.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
 from llumigrate.frontend.tokenizer import ModelTokenizer
@@ -44,7 +45,9 @@ def check_supported(req: SamplingRequest) -> None:
 
 def _check_completion(req: CompletionRequest) -> None:
     if req.logprobs is not None:
-        raise unsupported("logprobs", "logprobs")
+        _check_num_logprobs(req.logprobs, "logprobs")
+        if req.echo:
+            raise unsupported("echo with logprobs (prompt logprobs)", "echo")
     if req.echo and req.stream:
         raise unsupported("echo with stream=true", "echo")
     if req.suffix:
@@ -52,12 +55,30 @@ def _check_completion(req: CompletionRequest) -> None:
 
 
 def _check_chat(req: ChatCompletionRequest) -> None:
-    if req.logprobs or req.top_logprobs:
-        raise unsupported("logprobs / top_logprobs", "logprobs" if req.logprobs else "top_logprobs")
+    if req.top_logprobs:
+        if not req.logprobs:
+            raise bad_request("when using `top_logprobs`, `logprobs` must be set to true.",
+                              "top_logprobs")
+        _check_num_logprobs(req.top_logprobs, "top_logprobs")
     if req.echo:
         raise unsupported("echo in chat completions", "echo")
     if req.tools:
         raise unsupported("tool calling", "tools")
+
+
+def _check_num_logprobs(n: int, param: str) -> None:
+    if not 0 <= n <= MAX_LOGPROBS:
+        raise bad_request(f"{param} must be between 0 and {MAX_LOGPROBS}, got {n}.", param)
+
+
+def num_logprobs(req: SamplingRequest) -> int | None:
+    """Top logprobs per output token the request asked for (besides the
+    sampled token's own), or None for no logprobs."""
+    if isinstance(req, CompletionRequest):
+        return req.logprobs
+    if isinstance(req, ChatCompletionRequest) and req.logprobs:
+        return req.top_logprobs or 0
+    return None
 
 
 def max_output_tokens(requested: int | None, num_prompt_tokens: int, max_model_len: int) -> int:
@@ -82,6 +103,8 @@ def sampling_dict(req: SamplingRequest, tok: ModelTokenizer, max_tokens: int) ->
     out: dict = dict(tok.sampling_defaults)
     out.update({k: v for k in PASSED_FIELDS if (v := getattr(req, k)) is not None})
     out["max_tokens"] = max_tokens
+    if (n := num_logprobs(req)) is not None:
+        out["logprobs"] = n
     if req.min_tokens:
         if req.min_tokens > max_tokens:
             raise bad_request(f"min_tokens ({req.min_tokens}) must be at most max_tokens ({max_tokens}).",

@@ -34,6 +34,14 @@ class ModelTokenizer:
             eos_ids.add(int(self.hf.eos_token_id))
         self.eos_token_ids = frozenset(int(i) for i in eos_ids)
         self.sampling_defaults = {k: gen[k] for k in _DEFAULT_KEYS if gen.get(k) is not None}
+        self._token_texts: dict[int, str] = {}
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text as logprobs show it (vLLM decodes it alone)."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.hf.decode([token_id]) or ""
+        return text
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
