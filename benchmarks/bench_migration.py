@@ -56,7 +56,7 @@ async def _one(cluster: Cluster, ctx: int, mode: str, warm: int, salt: int) -> d
             "stall_ms": 1000 * (r.stall_s or 0),
             "total_ms": 1000 * r.total_s, "stages": r.stages, "blocks_per_stage": r.blocks_per_stage,
             "context_tokens": r.context_tokens, "phase_s": r.phase_s, "downtime_marks": r.downtime_marks,
-            "recovered_tokens": r.recovered_tokens,
+            "recovered_tokens": r.recovered_tokens, "stopped_by": r.stopped_by,
             "step_ms_before": 1000 * before if before else None,
             "step_ms_during_precopy": 1000 * during if during else None}
 
@@ -103,6 +103,13 @@ def _summary(rows: list[dict], contexts: list[int]) -> dict:
         # downtime over the median step time before the migration): what stays
         # flat when a longer context makes every step slower.
         "downtime_steps_precopy": {c: dt(c, "precopy") / step(c) for c in contexts},
+        # The pause beyond one ordinary token interval (downtime minus the
+        # median step before the migration): the migration's own cost. The
+        # destination's first token needs a forward over the whole context,
+        # so no downtime can be shorter than that one step.
+        "downtime_excess_ms_precopy": {c: dt(c, "precopy") - step(c) for c in contexts},
+        f"downtime_excess_ratio_{hi // 1024}k_vs_{lo}":
+            (dt(hi, "precopy") - step(hi)) / (dt(lo, "precopy") - step(lo)),
         "downtime_ms_precopy": {c: dt(c, "precopy") for c in contexts},
         "downtime_ms_stop_and_copy": {c: dt(c, "stop_and_copy") for c in contexts},
         "downtime_ms_recompute": {c: dt(c, "recompute") for c in contexts},

@@ -60,22 +60,24 @@ def test_watchdog_notices_a_dead_engine():
     assert agent.engine_dead and agent.shutdown_event.is_set()
 
 
-def _delta(t: int, logprobs=None):
-    return SimpleNamespace(token_ids=[t], finished=False, finish_reason=None, stop_reason=None,
-                           kv_params=None, logprobs=logprobs)
+def _delta(t: int, logprobs=None, finished: str | None = None):
+    return SimpleNamespace(token_ids=[t], finished=finished is not None, finish_reason=finished,
+                           stop_reason=None, kv_params=None, logprobs=logprobs)
 
 
 class StoppableRuntime:
-    """Streams two tokens, then waits; after `stop` (the engine-core-only
-    abort) it streams `after_stop` (the step the abort did not reach);
-    `abort` cuts the stream the way AsyncLLM's does (the generator is
-    cancelled)."""
+    """Streams two tokens, then waits; once stopped (the scheduler's cap via
+    `FakeCommands`, or the engine-core-only abort) it streams `after_stop`
+    (the step the stop did not reach; with a cap, its last delta ends the
+    request as "length"); `abort` cuts the stream the way AsyncLLM's does
+    (the generator is cancelled)."""
 
     def __init__(self, after_stop: tuple = ()) -> None:
         self.llm = SimpleNamespace(errored=False)
         self.after_stop = after_stop
         self.stopped = asyncio.Event()
         self.aborted = asyncio.Event()
+        self.engine_aborts = 0
 
     async def generate(self, rid, prompt, sp, priority):
         for t in (5, 6):
@@ -83,10 +85,13 @@ class StoppableRuntime:
         await self.stopped.wait()
         for d in self.after_stop:
             yield d
+            if d.finished:
+                return
         await self.aborted.wait()
         raise asyncio.CancelledError
 
-    async def stop(self, rid):
+    async def abort_in_engine_core(self, rid):
+        self.engine_aborts += 1
         self.stopped.set()
         return True
 
@@ -98,9 +103,23 @@ class StoppableRuntime:
         return None  # never held: the engine finished the request instead
 
 
-async def _streaming_agent(rt, notify) -> tuple[Agent, FakeConn]:
+class FakeCommands:
+    """The scheduler's `stop` command: caps (and so ends the stream) when `works`."""
+
+    def __init__(self, rt: StoppableRuntime, works: bool = True, ends: bool = True) -> None:
+        self.rt, self.works, self.ends = rt, works, ends
+        self.calls: list[dict] = []
+
+    async def call(self, msg, timeout=1.0):
+        self.calls.append(msg)
+        if self.works and self.ends:
+            self.rt.stopped.set()
+        return {"capped": self.works}
+
+
+async def _streaming_agent(rt, notify, commands=None) -> tuple[Agent, FakeConn]:
     """An agent streaming request r#0 (prompt 1 2 3) once its first two tokens came."""
-    agent, conn = Agent("i0", rt, notify), FakeConn()
+    agent, conn = Agent("i0", rt, notify, commands), FakeConn()
     req = _Req("r#0", conn)
     agent.reqs["r#0"] = req
     req.task = asyncio.ensure_future(agent._stream(req, [1, 2, 3], None, 0))
@@ -158,3 +177,67 @@ def test_stop_delivers_the_last_steps_tokens_with_logprobs_before_its_reply():
     outs = [e for e in events if e["event"] == "out"]
     assert [t for e in outs for t in e["tokens"]] == [5, 6, 7]
     assert outs[-1]["logprobs"] == [lp] and not any(e["finished"] for e in outs)
+
+
+HELD = {"kind": "held", "key": "r#0", "tokens": [1, 2, 3, 5, 6, 7], "num_prompt_tokens": 3,
+        "num_computed_tokens": 5, "num_blocks": 1}
+
+
+def _stop_with(rt, commands, held: dict | None, *, after_stop_wait: bool = True):
+    """Run a stop of r#0 against `rt` and `commands`; the engine pushes `held`
+    once the stream reached the stop's step. Returns (reply, out events, rt)."""
+    from llumigrate.engine.notify import NotifyListener
+
+    async def go():
+        notify = NotifyListener()
+        agent, conn = await _streaming_agent(rt, notify, commands)
+        stop = asyncio.ensure_future(agent.rpc_stop(conn, "r#0", timeout=2))
+        if after_stop_wait:
+            await rt.stopped.wait()
+        if held is not None:
+            notify._deliver(dict(held))
+        res = await stop
+        await notify.close()
+        return res, [e for e in conn.events if e["event"] == "out"]
+    return asyncio.run(go())
+
+
+def test_capped_stop_ends_at_a_step_and_its_length_end_is_not_passed_on():
+    """With the scheduler's cap the request ends as "length" at the next step;
+    the seal says it was the stop: the client gets the token, not the end."""
+    lp = [[7, -0.5, 1]]
+    rt = StoppableRuntime(after_stop=(_delta(7, [lp], finished="length"),))
+    commands = FakeCommands(rt)
+    res, outs = _stop_with(rt, commands, HELD)
+    assert commands.calls == [{"kind": "stop", "key": "r#0"}] and rt.engine_aborts == 0
+    assert res["sealed"]["tokens"] == [1, 2, 3, 5, 6, 7]
+    assert [t for e in outs for t in e["tokens"]] == [5, 6, 7] and outs[-1]["logprobs"] == [lp]
+    assert not any(e["finished"] for e in outs) and not rt.aborted.is_set()
+
+
+def test_capped_stop_that_met_a_real_length_end_passes_it_on():
+    rt = StoppableRuntime(after_stop=(_delta(7, finished="length"),))
+    res, outs = _stop_with(rt, FakeCommands(rt), {**HELD, "finished": "length", "stop_reason": None})
+    assert res == {"finished": "length"}
+    assert [t for e in outs for t in e["tokens"]] == [5, 6, 7]
+    assert outs[-1]["finished"] and outs[-1]["reason"] == "length"
+
+
+def test_uncapped_stop_aborts_in_the_engine_core():
+    """Not running there (the command says so): abort instead."""
+    rt = StoppableRuntime(after_stop=(_delta(7),))
+    commands = FakeCommands(rt, works=False)
+    res, outs = _stop_with(rt, commands, HELD)
+    assert rt.engine_aborts == 1 and rt.aborted.is_set() and "sealed" in res
+    assert [t for e in outs for t in e["tokens"]] == [5, 6, 7]
+
+
+def test_capped_stop_that_does_not_end_falls_back_to_an_abort(monkeypatch):
+    """Capped but never reaching its step (vLLM preempted it): after
+    STOP_AT_STEP_S the agent aborts it in the engine core."""
+    import llumigrate.agent.source as source
+    monkeypatch.setattr(source, "STOP_AT_STEP_S", 0.2)
+    rt = StoppableRuntime()
+    res, outs = _stop_with(rt, FakeCommands(rt, ends=False), {**HELD, "tokens": [1, 2, 3, 5, 6]})
+    assert rt.engine_aborts == 1 and res["sealed"]["tokens"] == [1, 2, 3, 5, 6]
+    assert [t for e in outs for t in e["tokens"]] == [5, 6]

@@ -39,16 +39,19 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 async def _main(args: argparse.Namespace, engine_argv: list[str]) -> int:
     from llumigrate.agent.server import Agent
+    from llumigrate.engine.commands import CommandClient
     from llumigrate.engine.notify import NotifyListener
     from llumigrate.engine.runtime import EngineRuntime, parse_engine_args
 
     notify = NotifyListener()
     await notify.start()
+    commands = CommandClient(notify.sibling_path("commands.sock"))
     engine_args = parse_engine_args(args.model, engine_argv, kv_host=args.kv_host,
                                     kv_token=args.token, kv_transport=args.kv_transport,
-                                    notify_path=notify.path, engine_spin_ms=args.engine_spin_ms)
+                                    notify_path=notify.path, command_path=commands.path,
+                                    engine_spin_ms=args.engine_spin_ms)
     runtime = EngineRuntime(engine_args)
-    agent = Agent(args.instance_id, runtime, notify)
+    agent = Agent(args.instance_id, runtime, notify, commands)
     notify.on("blocks", lambda msg: runtime.set_free_blocks(int(msg["free"])))
     agent.server.token = args.token
     stop = agent.shutdown_event
@@ -74,6 +77,7 @@ async def _main(args: argparse.Namespace, engine_argv: list[str]) -> int:
     await stop.wait()
     await agent.server.close()  # controllers see this instance go before the engine is torn down
     runtime.shutdown()
+    await commands.close()
     await notify.close()
     return 1 if agent.engine_dead else 0
 

@@ -18,6 +18,7 @@ from typing import Any
 from llumigrate.agent.request import AgentRequest as _Req
 from llumigrate.agent.rpc import Connection, RpcServer
 from llumigrate.agent.source import SourceVerbs
+from llumigrate.engine.commands import CommandClient
 from llumigrate.engine.notify import NotifyListener
 from llumigrate.engine.params import LoadSpec, RequestTag, plain_stop_reason
 from llumigrate.engine.runtime import EngineRuntime, sampling_params
@@ -35,10 +36,11 @@ HEARTBEAT_S = 1.0
 
 class Agent(SourceVerbs):
     def __init__(self, instance_id: str, runtime: EngineRuntime,
-                 notify: NotifyListener | None = None) -> None:
+                 notify: NotifyListener | None = None, commands: CommandClient | None = None) -> None:
         self.instance_id = instance_id
         self.rt = runtime
         self.notify = notify
+        self.commands = commands
         self.kv: dict = {}
         self.reqs: dict[str, _Req] = {}
         self.started = time.time()
@@ -126,7 +128,7 @@ class Agent(SourceVerbs):
                              "reason": d.finish_reason, "stop_reason": plain_stop_reason(d.stop_reason)}
                     if d.logprobs is not None:
                         event["logprobs"] = d.logprobs
-                    if req.stopping:
+                    if req.stopping and d.finished:  # a stop's end or a real one: the seal tells
                         req.held_back.append(event)
                     else:
                         await req.conn.push_batched("out", **event)

@@ -11,12 +11,16 @@ from typing import Any
 
 from llumigrate.agent.request import AgentRequest
 from llumigrate.agent.rpc import Connection
+from llumigrate.engine.commands import CommandClient
 from llumigrate.engine.notify import NotifyListener
 from llumigrate.engine.params import SealedRequest
 from llumigrate.errors import MigrationAborted
 
 # Fallback poll period of engine state the engine also pushes (engine/notify.py).
 POLL_S = 0.02
+# How long a request capped to stop at its next step may take to end before
+# it is aborted instead (a step is 10-100 ms; vLLM may have preempted it).
+STOP_AT_STEP_S = 2.0
 # How long a stopped request's stream may take to deliver the engine's last
 # step (normally it is there before the sealed record): past it, the tokens
 # are recovered from the record, without logprobs.
@@ -26,6 +30,7 @@ CATCH_UP_S = 1.0
 class SourceVerbs:
     rt: Any
     notify: NotifyListener | None
+    commands: CommandClient | None
 
     def _live(self, rid: str) -> AgentRequest:
         raise NotImplementedError
@@ -62,23 +67,29 @@ class SourceVerbs:
         """Stop `rid` and return its sealed state, or {"finished": reason} if it
         finished before the stop took effect.
 
-        The abort goes to the engine core only, so the output of the step it
-        did not reach still streams here (with its logprobs); once the sealed
-        record arrives and the stream has caught up with it, the stream is
-        ended and those tokens go to the client before this reply."""
+        A running request is stopped at a step boundary: the scheduler caps it
+        to finish once its next token is sampled (the `stop` command), so its
+        tokens keep streaming to the client until then and none is thrown
+        away. One that is not running, or that the cap has not ended within
+        STOP_AT_STEP_S, is aborted in the engine core. Either way the engine
+        holds its blocks and pushes the sealed record; once the stream has
+        caught up with it, the stream is ended and its last tokens go to the
+        client before this reply."""
         req = self._live(rid)
-        req.stopping = True
-        if not await self.rt.stop(rid):  # the engine frontend no longer knows it
-            await self.rt.abort(rid)
-        sealed = asyncio.ensure_future(self._sealed(rid, timeout))
-        done = asyncio.ensure_future(req.done.wait())
-        try:
-            await asyncio.wait({sealed, done}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            done.cancel()
+        req.stopping = True  # from now the stream's end is withheld until the seal says what it was
+        capped = await self._stop_at_step(rid)
+        if not capped:
+            await self._abort_in_engine(rid)
+        sealed = asyncio.ensure_future(self._sealed(rid, timeout + (STOP_AT_STEP_S if capped else 0)))
+        if not await self._wait_first(sealed, req, STOP_AT_STEP_S if capped else timeout) and capped:
+            # Capped but not ended (say, vLLM preempted it meanwhile): abort it.
+            await self._abort_in_engine(rid)
+            await self._wait_first(sealed, req, timeout)
         reason = req.result["reason"] if req.result else None
-        if reason not in (None, "abort"):
-            # It finished for real before the abort landed: deliver what was
+        # NOTE: a capped request ends as "length" before its seal arrives: only
+        # the seal tells that from a real end.
+        if not sealed.done() and reason not in (None, "abort") and not (capped and reason == "length"):
+            # It finished for real before the stop landed: deliver what was
             # withheld, and tell the controller there is nothing to migrate.
             sealed.cancel()
             await self._deliver_withheld(req)
@@ -89,11 +100,35 @@ class SourceVerbs:
             await self._end_stream(req, None, timeout)
             raise
         await self._end_stream(req, res, timeout)
-        if "finished" in res:  # it finished for real in the step the abort reached
+        if "finished" in res:  # it finished for real in the step the stop reached
             await self._deliver_withheld(req, res)
             return {"finished": res["finished"]}
         await self._deliver_tokens(req)
-        return res
+        return {**res, "stopped_by": "step" if capped and req.engine_aborts == 0 else "abort"}
+
+    async def _stop_at_step(self, rid: str) -> bool:
+        """Ask the scheduler to end `rid` after its next token; False if it
+        could not (not running, or no command channel)."""
+        if self.commands is None:
+            return False
+        reply = await self.commands.call({"kind": "stop", "key": rid})
+        return bool(reply and reply.get("capped"))
+
+    async def _abort_in_engine(self, rid: str) -> None:
+        self._live(rid).engine_aborts += 1
+        if not await self.rt.abort_in_engine_core(rid):  # the engine frontend no longer knows it
+            await self.rt.abort(rid)
+
+    @staticmethod
+    async def _wait_first(sealed: asyncio.Future, req: AgentRequest, timeout: float) -> bool:
+        """Wait for the seal or the stream's end; False if neither came."""
+        done = asyncio.ensure_future(req.done.wait())
+        try:
+            finished, _ = await asyncio.wait({sealed, done}, timeout=timeout,
+                                             return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            done.cancel()
+        return bool(finished)
 
     async def _end_stream(self, req: AgentRequest, res: dict | None, timeout: float) -> None:
         """Let the stream catch up with the engine's record `res` (bounded:

@@ -38,6 +38,9 @@ class MigrationResult:
     # Tokens the stopped source's stream missed, taken from its sealed record
     # (they carry no logprobs; normally 0: the stream catches up first).
     recovered_tokens: int = 0
+    # How the source stopped it: "step" (capped to end at a step boundary, no
+    # sampled token lost) or "abort" (it was not running; or did not end in time).
+    stopped_by: str = ""
     # Client-visible pause: the last token from the source (including tokens
     # recovered at the stop, which reach the client then) to the first token
     # from the destination.
@@ -200,6 +203,7 @@ class Coordinator(RollbackSteps):
             "sealed tokens diverge from the delivered stream"
         req.append(recovered)
         self.result.recovered_tokens = len(recovered)
+        self.result.stopped_by = str(res.get("stopped_by", ""))
         self._last_src_token_at = req.last_token_at
         self.result.context_tokens = len(s.tokens)
         self.m.on_stopped()

@@ -35,7 +35,8 @@ class LlumigrateConnector(KVConnectorBase_V1):
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:
-            self._scheduler = SchedulerSide(block_size, extra)
+            self._scheduler = SchedulerSide(block_size, extra,
+                                            int(vllm_config.model_config.max_model_len))
         else:
             self._worker = WorkerSide(block_size, extra)
 

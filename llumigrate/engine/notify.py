@@ -36,7 +36,7 @@ import msgpack
 
 logger = logging.getLogger(__name__)
 
-_HEADER = struct.Struct(">I")
+FRAME_HEADER = struct.Struct(">I")
 MAX_NOTIFY_FRAME = 16 << 20
 MAX_UNCLAIMED = 256
 
@@ -62,7 +62,7 @@ class Notifier:
                     s.settimeout(2.0)
                     s.connect(self.path)
                     self._sock = s
-                self._sock.sendall(_HEADER.pack(len(body)) + body)
+                self._sock.sendall(FRAME_HEADER.pack(len(body)) + body)
             except OSError as e:
                 if not self._warned:
                     logger.warning("engine notification to %s failed (agent falls back to polling): %s",
@@ -91,6 +91,10 @@ class NotifyListener:
         self._unclaimed: OrderedDict[tuple[str, str], dict] = OrderedDict()
         self._waiters: dict[tuple[str, str], asyncio.Future] = {}
         self._handlers: dict[str, Callable[[dict], None]] = {}
+
+    def sibling_path(self, name: str) -> str:
+        """A path beside the socket, in the same private directory."""
+        return os.path.join(self._dir, name)
 
     def on(self, kind: str, handler: Callable[[dict], None]) -> None:
         """Deliver every notification of `kind` to `handler` (not to waiters)."""
@@ -131,7 +135,7 @@ class NotifyListener:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                (size,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
+                (size,) = FRAME_HEADER.unpack(await reader.readexactly(FRAME_HEADER.size))
                 if size > MAX_NOTIFY_FRAME:
                     logger.warning("dropping engine notification stream: frame of %d bytes", size)
                     return

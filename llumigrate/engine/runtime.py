@@ -97,7 +97,7 @@ class _LoadLogger(StatLoggerBase):
 
 def parse_engine_args(model: str, engine_argv: list[str], *, kv_host: str = "127.0.0.1",
                       kv_token: str | None = None, kv_transport: str = "auto",
-                      notify_path: str | None = None,
+                      notify_path: str | None = None, command_path: str | None = None,
                       engine_spin_ms: float | None = None) -> AsyncEngineArgs:
     """vLLM engine args from `vllm serve`-style argv, plus llumigrate's hooks.
     `engine_spin_ms` bounds the engine's message-queue busy-wait; None picks
@@ -116,6 +116,8 @@ def parse_engine_args(model: str, engine_argv: list[str], *, kv_host: str = "127
         extra["kv_token"] = kv_token
     if notify_path:
         extra["notify_path"] = notify_path
+    if command_path:
+        extra["command_path"] = command_path
     if engine_spin_ms is None and is_cpu_platform():
         engine_spin_ms = CPU_ENGINE_SPIN_MS
     if engine_spin_ms is not None:
@@ -193,7 +195,7 @@ class EngineRuntime:
     async def abort(self, request_id: str) -> None:
         await self.llm.abort(request_id)
 
-    async def stop(self, request_id: str) -> bool:
+    async def abort_in_engine_core(self, request_id: str) -> bool:
         """Abort in the engine core only: the output of the step in flight
         still streams (see `vllm_compat.abort_in_engine_core`); `abort` ends
         the stream after."""

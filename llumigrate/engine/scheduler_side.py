@@ -4,7 +4,14 @@ It (1) turns a request's `LoadSpec` into an async KV load of the positions the
 destination does not already hold in its prefix cache, (2) streams every
 request's block table to the workers so their KV server can serve pulls of a
 running request, and (3) holds the blocks of a tracked request when it is
-aborted (stop-and-copy) until a worker reports the final pull done.
+stopped (stop-and-copy) until a worker reports the final pull done.
+
+A stop is a request finishing at a step boundary: on the agent's `stop`
+command (`engine/commands.py`) a running tracked request is capped to end
+once its next token is sampled, so no sampled token is thrown away (an abort
+lands mid-step and vLLM drops that step's token: one step more downtime).
+Requests that are not running are aborted by the agent instead; both end up
+held the same way.
 """
 
 from __future__ import annotations
@@ -13,10 +20,20 @@ import threading
 import time
 from typing import Any
 
+from llumigrate.engine.commands import CommandServer
 from llumigrate.engine.meta import HeldRequest, LoadJob, SchedulerMeta, WorkerMeta
 from llumigrate.engine.notify import Notifier
 from llumigrate.engine.params import PARAMS_KEY, RequestTag, plain_stop_reason
-from llumigrate.engine.vllm_compat import finish_reason, is_aborted, is_seeded, yield_req_data
+from llumigrate.engine.vllm_compat import (
+    cap_output_tokens,
+    finish_reason,
+    is_aborted,
+    is_length_capped,
+    is_running,
+    is_seeded,
+    next_token_cap,
+    yield_req_data,
+)
 
 # A final load of at most this many blocks runs synchronously, inside the step
 # that computes the request's first token on the destination (one engine step
@@ -29,9 +46,11 @@ BLOCK_REPORT_S = 0.05
 
 
 class SchedulerSide:
-    def __init__(self, block_size: int, extra: dict[str, Any] | None = None) -> None:
+    def __init__(self, block_size: int, extra: dict[str, Any] | None = None,
+                 max_model_len: int | None = None) -> None:
         extra = extra or {}
         self.block_size = block_size
+        self.max_model_len = max_model_len
         self.sync_load_max_blocks = int(extra.get("sync_load_max_blocks", SYNC_LOAD_MAX_BLOCKS))
         self.notifier = Notifier(extra.get("notify_path"))
         self._keys: dict[str, str] = {}          # req_id -> key, live requests
@@ -39,10 +58,46 @@ class SchedulerSide:
         self._matched: dict[str, tuple[int, int, bool]] = {}  # req_id -> (local hit, external, sync)
         self._loads: dict[str, tuple[int, int]] = {}     # req_id -> (local hit, loaded)
         self._failed: set[str] = set()
-        self._tracked: set[str] = set()          # keys held on abort
+        self._tracked: set[str] = set()          # keys held when stopped
+        self._requests: dict[str, Any] = {}      # key -> vLLM request, live tagged ones
+        self._caps: dict[str, tuple[int, int]] = {}  # key -> (output count it stops at, max_tokens)
         self._meta = SchedulerMeta()
         self._pool: Any = None
         self._reporter: threading.Thread | None = None
+        self._commands = CommandServer(extra["command_path"], self._on_command) \
+            if extra.get("command_path") else None
+
+    # -- commands (a thread of their own) ---------------------------------------
+    def _on_command(self, msg: dict) -> dict:
+        if msg.get("kind") == "stop":
+            return {"capped": self.cap(str(msg.get("key")))}
+        return {"error": f"unknown command {msg.get('kind')!r}"}
+
+    def cap(self, key: str) -> bool:
+        """Stop tracked `key` at a step boundary: it finishes once its next
+        token is sampled, and is held like an aborted one. False (nothing
+        done) unless it is running, decoding (a prefill's next token may be
+        many chunks away) and tracked here."""
+        request = self._requests.get(key)
+        if request is None or key not in self._tracked or not is_running(request) \
+                or request.num_output_tokens == 0:
+            return False
+        cap, before = next_token_cap(request)
+        # NOTE: registered before the request can reach it, so that
+        # request_finished always tells this stop from a real finish.
+        self._caps[key] = (cap, before)
+        if cap < before:
+            cap_output_tokens(request, cap)
+        return True
+
+    def _stopped_at_cap(self, key: str, request: Any) -> bool:
+        """Whether `request` finished because `cap` capped it (not for real:
+        its own max_tokens, or the model's length, ends it here too)."""
+        cap = self._caps.get(key)
+        if cap is None or not is_length_capped(request):
+            return False
+        at_model_len = self.max_model_len is not None and request.num_tokens >= self.max_model_len
+        return cap[0] <= request.num_output_tokens < cap[1] and not at_model_len
 
     def bind_block_pool(self, pool: Any) -> None:
         """vLLM's block pool (public connector hook): report its free blocks."""
@@ -69,6 +124,7 @@ class SchedulerSide:
         if tag is None:
             return
         self._keys[request.request_id] = tag.key
+        self._requests[tag.key] = request
         self._meta.keys[request.request_id] = tag.key
         if tag.load is not None or tag.generator_state is not None:
             self._tags[request.request_id] = tag
@@ -146,10 +202,15 @@ class SchedulerSide:
         params = None
         if load is not None:
             params = {PARAMS_KEY: {"hit": load[0], "loaded": load[1], "failed": failed}}
+        if key is not None:
+            self._requests.pop(key, None)
+        stopped = key is not None and (is_aborted(request) or self._stopped_at_cap(key, request))
+        if key is not None:
+            self._caps.pop(key, None)
         if key is None or key not in self._tracked:
             return False, params
         self._tracked.discard(key)
-        if not is_aborted(request):
+        if not stopped:
             # It finished for real in the step the stop reached: there is
             # nothing to hold, but the stop's waiter needs the final tokens
             # (the abort may have cut the output stream before they came).

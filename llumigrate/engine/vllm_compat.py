@@ -3,9 +3,10 @@
 Public extension points (KVConnectorBase_V1, worker extensions, AsyncLLM) are
 re-exported here. The private accesses llumigrate needs (a worker request's
 sampler generator and output count, for exact seeded migration; the engine
-message queue's spin; the frontend's request-id table, to stop a request in
-the engine core without dropping its last step's output) are isolated below
-and checked against the supported version at import.
+message queue's spin; the frontend's request-id table, to abort a request in
+the engine core without dropping its last step's output; a scheduler
+request's `max_tokens`, to stop one at a step boundary) are isolated below and
+checked against the supported version at import.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ __all__ = [
     "KVConnectorBase_V1", "KVConnectorMetadata", "KVConnectorRole", "KVConnectorWorkerMetadata",
     "get_kv_transfer_group", "has_kv_transfer_group", "yield_req_data", "check_version",
     "is_aborted", "finish_reason", "is_seeded", "request_sampler_state", "bound_mq_spin", "is_cpu_platform",
-    "abort_in_engine_core",
+    "abort_in_engine_core", "is_running", "next_token_cap", "cap_output_tokens", "is_length_capped",
 ]
 
 
@@ -50,6 +51,30 @@ def is_cpu_platform() -> bool:
 
 def is_aborted(request: Any) -> bool:
     return request.status == RequestStatus.FINISHED_ABORTED
+
+
+def is_running(request: Any) -> bool:
+    return request.status == RequestStatus.RUNNING
+
+
+def is_length_capped(request: Any) -> bool:
+    return request.status == RequestStatus.FINISHED_LENGTH_CAPPED
+
+
+def next_token_cap(request: Any) -> tuple[int, int]:
+    """(the output count at which scheduler request `request` ends if capped
+    now: after its next sampled token, its max_tokens now)."""
+    before = int(request.max_tokens)
+    return min(before, request.num_output_tokens + 1), before
+
+
+def cap_output_tokens(request: Any, cap: int) -> None:
+    """Make `request` finish (as length-capped) once it has `cap` output
+    tokens. Safe from another thread: one attribute store; a step whose stop
+    check already ran finishes it one token later.
+
+    PRIVATE: `Request.max_tokens`, which `check_stop` reads after each step."""
+    request.max_tokens = cap
 
 
 def finish_reason(request: Any) -> str | None:
