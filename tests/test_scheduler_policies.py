@@ -4,6 +4,8 @@ per-instance concurrency limits."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from test_scheduler_factories import NOW, make_cluster, make_config, make_instance, make_request
 
@@ -158,6 +160,39 @@ def test_defrag_does_not_block_the_destination_queue():
     b = make_request("b", prompt=10 * 16, output=0)
     busy = make_instance("i1", num_blocks=20, waiting_blocks=12)  # 20 free, 12 claimed by its queue
     assert defrag(make_cluster(blocked(b, free=4), busy), ctx()) == []
+
+
+def _queued(rid: str, blocks: int, **kw):
+    return make_request(rid, prompt=blocks * 16, output=0, status="waiting", **kw)
+
+
+def test_defrag_redispatches_a_blocked_head_that_can_start_elsewhere():
+    """The head of i0's queue cannot start there, i1 could start it now: it
+    moves itself (no KV to copy) rather than running requests making room."""
+    head, nxt = _queued("h", 12), _queued("n", 3)
+    runner = make_request("b", prompt=10 * 16, output=0)
+    i0 = replace(blocked(runner, head, nxt, head=12, free=4), head_waiting_id="h", waiting_demand_blocks=15)
+    plans = defrag(make_cluster(i0, make_instance("i1", num_blocks=40)), ctx(**WIDE))
+    assert moves(plans) == [("h", "i0", "i1")] and plans[0].waiting and plans[0].est_cost_s == 0
+    after = apply_plan(make_cluster(i0, make_instance("i1", num_blocks=40)), plans[0])
+    assert after["i0"].head_waiting_id == "n" and after["i0"].head_waiting_blocks == 3
+    assert after["i0"].waiting_demand_blocks == 3 and after["i1"].waiting_demand_blocks == 12
+
+
+def test_defrag_does_not_redispatch_into_a_queue_or_twice_in_a_row():
+    head = _queued("h", 12)
+    i0 = replace(blocked(head, head=12, free=4), head_waiting_id="h")
+    queued_there = make_instance("i1", num_blocks=40, waiting_blocks=2)
+    assert defrag(make_cluster(i0, queued_there), ctx(**WIDE)) == []
+    history = MigrationHistory().record("h", "i2", "i0", NOW - 1)  # just moved: cooling down
+    assert defrag(make_cluster(i0, make_instance("i1", num_blocks=40)), ctx(history, **WIDE)) == []
+
+
+def test_only_defrag_moves_a_queued_request():
+    head = _queued("h", 2)
+    snap = make_cluster(make_instance("i0", head, num_blocks=10, free=0, waiting_blocks=2,
+                                      head_waiting_id="h"), make_instance("i1"))
+    assert all(p.request_id != "h" for p in balance(snap, ctx(**WIDE)) + drain(snap, ctx(**WIDE)))
 
 
 # -- cost model ordering -----------------------------------------------------------------------

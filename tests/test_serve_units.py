@@ -59,7 +59,8 @@ def test_snapshot_counts_fresh_dispatches_as_waiting_demand():
     assert snap.num_waiting == 1 and snap.waiting_demand_blocks == 4 and snap.head_waiting_blocks == 4
     by_id = {r.request_id: r for r in snap.requests}
     assert by_id["old"].status == "running" and by_id["old"].migratable
-    assert by_id["new"].status == "waiting" and not by_id["new"].migratable
+    # Queued: only defrag may move it (re-dispatch), and it is the head.
+    assert by_id["new"].status == "waiting" and snap.head_waiting_id == "new"
 
 
 def test_snapshot_marks_unmigratable_and_draining():

@@ -31,6 +31,7 @@ class MigrationPlan:
     priority: int = 0
     num_tokens: int = 0
     est_cost_s: float = 0.0
+    waiting: bool = False    # a queued request re-dispatched (no KV to move)
 
 
 @dataclass(frozen=True)
@@ -42,8 +43,9 @@ class PlanContext:
     cost: MigrationCostModel = field(default_factory=MigrationCostModel)
 
     def plan(self, req: RequestSnapshot, destination: str, reason: Reason) -> MigrationPlan:
+        waiting = req.status == "waiting"
         return MigrationPlan(req.request_id, req.instance_id, destination, reason, req.priority,
-                             req.num_tokens, self.cost.cost(req))
+                             req.num_tokens, 0.0 if waiting else self.cost.cost(req), waiting)
 
 
 def apply_plan(snapshot: ClusterSnapshot, plan: MigrationPlan) -> ClusterSnapshot:
@@ -51,9 +53,12 @@ def apply_plan(snapshot: ClusterSnapshot, plan: MigrationPlan) -> ClusterSnapsho
     migrating, so no later plan of the same round moves it again."""
     src, dst = snapshot[plan.source], snapshot[plan.destination]
     req = next(r for r in src.requests if r.request_id == plan.request_id)
-    src = replace(src.without_request(req), migrations_out=src.migrations_out + 1)
-    dst = replace(dst.with_running(replace(req, migrating=True)),
-                  migrations_in=dst.migrations_in + 1)
+    if req.status == "waiting":
+        src, dst = src.without_waiting(req), dst.with_waiting(replace(req, migrating=True))
+    else:
+        src, dst = src.without_request(req), dst.with_running(replace(req, migrating=True))
+    src = replace(src, migrations_out=src.migrations_out + 1)
+    dst = replace(dst, migrations_in=dst.migrations_in + 1)
     return snapshot.with_instances(src, dst)
 
 
@@ -67,8 +72,15 @@ def can_receive(inst: InstanceSnapshot, cfg: SchedulerConfig, now: float) -> boo
 
 def movable(req: RequestSnapshot, ctx: PlanContext, now: float, reason: Reason) -> bool:
     """Whether a policy may move `req` at all: running, migratable, not already
-    migrating, not about to finish, and (except to drain) not cooling down."""
-    if req.status != "running" or not req.migratable or req.migrating:
+    migrating, not about to finish, and (except to drain) not cooling down. A
+    queued request that has not started is moved only by defrag (it goes
+    where it can start now: nothing to copy)."""
+    if not req.migratable or req.migrating:
+        return False
+    if req.status == "waiting":
+        return reason == "defrag" and req.num_output_tokens == 0 \
+            and not ctx.history.cooling(req.request_id, now, ctx.cfg.cooldown_s)
+    if req.status != "running":
         return False
     remaining = req.remaining_tokens
     if remaining is not None and remaining < ctx.cfg.min_remaining_tokens:

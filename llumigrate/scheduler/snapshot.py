@@ -88,6 +88,7 @@ class InstanceSnapshot:
     migrations_out: int = 0
     requests: tuple[RequestSnapshot, ...] = ()
     reported_at: float = 0.0
+    head_waiting_id: str | None = None   # the head of the queue, when the controller knows it
 
     def __post_init__(self) -> None:
         assert self.block_size > 0 and self.num_blocks >= 0
@@ -107,10 +108,31 @@ class InstanceSnapshot:
         """This instance after `req` was dispatched to it (queued, not started)."""
         need = req.blocks(self.block_size)
         req = replace(req, instance_id=self.instance_id, status="waiting")
+        head_id = self.head_waiting_id if self.head_waiting_blocks else req.request_id
         return replace(self, num_waiting=self.num_waiting + 1,
                        waiting_demand_blocks=self.waiting_demand_blocks + need,
                        head_waiting_blocks=self.head_waiting_blocks or need,
-                       requests=self.requests + (req,))
+                       head_waiting_id=head_id, requests=self.requests + (req,))
+
+    def without_waiting(self, req: RequestSnapshot) -> InstanceSnapshot:
+        """This instance after queued request `req` left it (re-dispatched);
+        the next queued request it lists becomes the head."""
+        rest = tuple(r for r in self.requests if r.request_id != req.request_id)
+        assert len(rest) == len(self.requests) - 1 and req.status == "waiting"
+        head_blocks, head_id = self.head_waiting_blocks, self.head_waiting_id
+        if head_id == req.request_id:
+            head = next((r for r in rest if r.status == "waiting"), None)
+            head_blocks = head.blocks(self.block_size) if head else 0
+            head_id = head.request_id if head else None
+        return replace(self, num_waiting=max(0, self.num_waiting - 1),
+                       waiting_demand_blocks=max(0, self.waiting_demand_blocks - req.blocks(self.block_size)),
+                       head_waiting_blocks=head_blocks, head_waiting_id=head_id, requests=rest)
+
+    @property
+    def head_waiting(self) -> RequestSnapshot | None:
+        """The queued request at the head, when it is listed here."""
+        return next((r for r in self.requests if r.request_id == self.head_waiting_id
+                     and r.status == "waiting"), None)
 
     def without_request(self, req: RequestSnapshot) -> InstanceSnapshot:
         """This instance after running request `req` left it (blocks freed)."""

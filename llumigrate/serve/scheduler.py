@@ -126,5 +126,5 @@ class GlobalScheduler:
             logger.info("planned %s migration of %s refused: %s", plan.reason, plan.request_id, e)
             return
         self.history = self.history.record(plan.request_id, plan.source, plan.destination, self.now())
-        if result.committed and result.context_tokens:
+        if result.committed and result.context_tokens and not plan.waiting:
             self.cost = self.cost.observe(result.context_tokens, result.total_s)

@@ -25,8 +25,7 @@ def request_snapshot(h: RequestHandle, waiting: bool) -> RequestSnapshot:
         migratable = False
     return RequestSnapshot(h.request_id, h.instance_id, h.priority, len(h.prompt_token_ids),
                            len(h.output_token_ids), h.sampling.get("max_tokens"),
-                           "waiting" if waiting else "running", h.migrating,
-                           migratable and not waiting)
+                           "waiting" if waiting else "running", h.migrating, migratable)
 
 
 def instance_snapshot(inst: Instance, handles: list[RequestHandle]) -> InstanceSnapshot:
@@ -48,7 +47,8 @@ def instance_snapshot(inst: Instance, handles: list[RequestHandle]) -> InstanceS
         inst.instance_id, num_blocks, min(num_blocks, int(load.get("free_blocks", 0))), bs,
         int(load.get("num_running", 0)), int(load.get("num_waiting", 0)) + len(fresh), demand,
         request_snapshot(head, True).blocks(bs) if head else 0, inst.draining, inst.up,
-        inst.migrations_in, inst.migrations_out, reqs, inst.reported_at)
+        inst.migrations_in, inst.migrations_out, reqs, inst.reported_at,
+        head.request_id if head else None)
 
 
 def cluster_snapshot(cluster: Cluster, now: float) -> ClusterSnapshot:

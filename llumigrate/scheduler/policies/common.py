@@ -83,12 +83,14 @@ def make_room(snapshot: ClusterSnapshot, instance_id: str, need: int, ctx: PlanC
     where `keeps_room` holds, chosen by `pick`, within the concurrency limits
     (the rest is for later rounds). Plans nothing unless the moves, limits
     aside, would free all of `need`: partial room does not start the request."""
+    def holding(r: RequestSnapshot) -> bool:  # a queued request holds no blocks to free
+        return r.status == "running" and accept(r)
     unlimited = replace(ctx, cfg=replace(ctx.cfg, max_migrations_out=_NO_LIMIT, max_migrations_in=_NO_LIMIT))
-    dry_run = _free_blocks(snapshot, instance_id, need, unlimited, reason, accept)
+    dry_run = _free_blocks(snapshot, instance_id, need, unlimited, reason, holding)
     freed = sum(blocks_for(p.num_tokens, snapshot[instance_id].block_size) for p in dry_run)
     if freed < need:
         return []
-    return _free_blocks(snapshot, instance_id, need, ctx, reason, accept)
+    return _free_blocks(snapshot, instance_id, need, ctx, reason, holding)
 
 
 _NO_LIMIT = 1 << 30
