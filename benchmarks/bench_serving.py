@@ -125,12 +125,16 @@ def make_prompt(rng: random.Random, n: int) -> list[int]:
 
 
 # -- one run -----------------------------------------------------------------------------
-async def committed_migrations(http: aiohttp.ClientSession, base_url: str) -> int:
-    """Sum of llumigrate_migrations_total{outcome="committed",...} on /metrics."""
+async def committed_migrations(http: aiohttp.ClientSession, base_url: str) -> dict[str, int]:
+    """llumigrate_migrations_total{outcome="committed",reason=...} on /metrics, by reason."""
     async with http.get(f"{base_url}/metrics") as r:
         text = await r.text()
-    return int(sum(float(line.split()[-1]) for line in text.splitlines()
-                   if line.startswith("llumigrate_migrations_total{") and 'outcome="committed"' in line))
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        if line.startswith("llumigrate_migrations_total{") and 'outcome="committed"' in line:
+            reason = line.split('reason="', 1)[1].split('"', 1)[0] if 'reason="' in line else "?"
+            out[reason] = out.get(reason, 0) + int(float(line.split()[-1]))
+    return out
 
 
 async def wait_idle(ctl: ControlClient, timeout_s: float = 180.0) -> None:
@@ -177,9 +181,11 @@ async def run_config(name: str, server: Server, ctl: ControlClient, jobs: list[J
         async with StatusLine(status):
             await replay(http, server.base_url, jobs, salt, results)
         elapsed, wall1 = time.perf_counter() - t0, time.time()
-        migrations = await committed_migrations(http, server.base_url) - migr0
+        migr1 = await committed_migrations(http, server.base_url)
+        by_reason = {k: n - migr0.get(k, 0) for k, n in migr1.items() if n - migr0.get(k, 0)}
     return {"config": name, "label": label, "results": results, "elapsed_s": elapsed,
-            "preemptions": count_preemptions(probe_dir, wall0, wall1), "migrations": migrations,
+            "preemptions": count_preemptions(probe_dir, wall0, wall1),
+            "migrations": sum(by_reason.values()), "migrations_by_reason": by_reason,
             "errors": sorted({r.error for r in results if r.error})[:5]}
 
 
@@ -193,7 +199,9 @@ def pooled(runs: list[dict]) -> dict:
     return {**latency_stats(results), "output_tokens": tokens, "elapsed_s": seconds,
             "throughput_tok_s": tokens / seconds, "request_throughput": len(results) / seconds,
             "preemptions": sum(run["preemptions"] for run in runs),
-            "migrations": sum(run["migrations"] for run in runs)}
+            "migrations": sum(run["migrations"] for run in runs),
+            "migrations_by_reason": {k: sum(run["migrations_by_reason"].get(k, 0) for run in runs)
+                                     for k in sorted({k for run in runs for k in run["migrations_by_reason"]})}}
 
 
 def summarize(per_config: dict[str, dict]) -> dict:
@@ -205,6 +213,7 @@ def summarize(per_config: dict[str, dict]) -> dict:
         "p99_e2e_ratio_migration_vs_none": ratio(m["p99_e2e_ms"], n["p99_e2e_ms"]),
         "preemptions": {k: v["preemptions"] for k, v in per_config.items()},
         "migrations": {k: v["migrations"] for k, v in per_config.items()},
+        "migrations_by_reason": {k: v["migrations_by_reason"] for k, v in per_config.items()},
     }
 
 
@@ -272,7 +281,7 @@ async def bench(args: argparse.Namespace, jobs: list[Job], out_dir: Path) -> lis
                     runs.append(run)
                     s = latency_stats(run["results"])
                     print(f"[round {rnd + 1} {name}] p99 TTFT {fmt(s['p99_ttft_ms'], '.0f')} ms  "
-                          f"preemptions {run['preemptions']}  migrations {run['migrations']}  "
+                          f"preemptions {run['preemptions']}  migrations {run['migrations_by_reason']}  "
                           f"failed {s['failed']}", flush=True)
     finally:
         server.stop()

@@ -27,6 +27,7 @@ from typing import Any
 import msgpack
 
 from llumigrate import errors
+from llumigrate.netutil import is_loopback
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class RpcServer:
         self.on_disconnect: Callable[[Connection], None] | None = None
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
-        if self.token is None and host not in ("127.0.0.1", "localhost", "::1"):
+        if self.token is None and not is_loopback(host):
             raise errors.ConfigError(f"binding {host} needs a token (loopback is the default)")
         self._server = await asyncio.start_server(self._serve, host, port)
         sock = self._server.sockets[0].getsockname()

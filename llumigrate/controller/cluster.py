@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from llumigrate.controller.coordinator import Coordinator, MigrationResult
-from llumigrate.controller.failover import replay
+from llumigrate.controller.failover import FailoverSteps
 from llumigrate.controller.instance import Instance, spawn_agent
 from llumigrate.controller.listener import ClusterListener
 from llumigrate.controller.request import RequestHandle
@@ -52,7 +52,7 @@ def cpu_threads(num_instances: int) -> dict[str, str]:
                                               str(max(1, cores // max(1, num_instances))))}
 
 
-class Cluster:
+class Cluster(FailoverSteps):
     def __init__(self, model: str, num_instances: int = 2, engine_args: list[str] | None = None,
                  *, run_dir: str | Path | None = None, migration: MigrationConfig | None = None,
                  kv_transport: str = "auto", token: str | None = None, failover: bool = True,
@@ -266,48 +266,6 @@ class Cluster:
         for h in list(self.requests.values()):
             if h.instance_id == inst.instance_id and not h.finished and not h.migrating:
                 self._lost_request(h, f"instance {inst.instance_id} lost")
-
-    def _lost_request(self, h: RequestHandle, reason: str) -> None:
-        if not self.failover:
-            h.finish("error", error=reason)
-            return
-
-        async def go() -> None:
-            if not await self._failover(h):
-                h.finish("error", error=f"{reason}; no instance to fail over to")
-        self._spawn(go())
-
-    async def _failover(self, h: RequestHandle) -> bool:
-        """Replay `h` on another live instance, trying each in turn (one may
-        be going down too), and last on its own instance if that is still up
-        (a migration rollback whose resumed hop found its hold gone, with
-        every other instance down); False if none took it."""
-        source, tried, own_tried = h.instance_id, {h.instance_id}, False
-        while True:
-            try:
-                dst = self._pick(exclude=tried)
-            except InstanceLost:
-                own = self.instances.get(source)
-                if own_tried or own is None or not own.up:
-                    return False
-                dst, own_tried = own, True
-            tried.add(dst.instance_id)
-            self._notify("on_failover", h, source, dst.instance_id)
-            try:
-                await replay(h, dst, self._set_hop)
-                return True
-            except Exception as e:
-                logger.error("failover of %s to %s failed: %s", h.request_id, dst.instance_id, e)
-                try:  # in case it started there after all
-                    await dst.call("abort", rpc_timeout=2, rid=h.engine_rid)
-                except Exception:
-                    pass
-
-    async def _abort_diverged(self, h: RequestHandle) -> None:
-        inst = self.instances.get(h.instance_id)
-        h.finish("error", error="failover replay diverged from the tokens already streamed")
-        if inst is not None and inst.up:
-            await inst.call("abort", rid=h.engine_rid)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

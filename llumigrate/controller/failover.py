@@ -13,10 +13,15 @@ replay (its KV cache died with the instance, so it is recomputed).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
+from typing import Any
 
 from llumigrate.controller.instance import Instance
 from llumigrate.controller.request import RequestHandle
+from llumigrate.errors import InstanceLost
+
+logger = logging.getLogger(__name__)
 
 
 def is_seeded(sampling: dict) -> bool:
@@ -39,3 +44,64 @@ async def replay(h: RequestHandle, dst: Instance,
     set_hop(h, dst, h.hop + 1)
     await dst.call("generate", rid=h.engine_rid, prompt_token_ids=prompt, sampling=sampling,
                    priority=h.priority)
+
+
+class FailoverSteps:
+    """How `Cluster` continues the requests of a lost instance (mixed into it)."""
+
+    failover: bool
+    instances: dict[str, Instance]
+
+    def _pick(self, exclude: str | set[str] | None = None) -> Instance:
+        raise NotImplementedError
+
+    def _set_hop(self, h: RequestHandle, inst: Instance, hop: int) -> None:
+        raise NotImplementedError
+
+    def _notify(self, method: str, *args: Any) -> None:
+        raise NotImplementedError
+
+    def _spawn(self, coro: Any) -> None:
+        raise NotImplementedError
+
+    def _lost_request(self, h: RequestHandle, reason: str) -> None:
+        if not self.failover:
+            h.finish("error", error=reason)
+            return
+
+        async def go() -> None:
+            if not await self._failover(h):
+                h.finish("error", error=f"{reason}; no instance to fail over to")
+        self._spawn(go())
+
+    async def _failover(self, h: RequestHandle) -> bool:
+        """Replay `h` on another live instance, trying each in turn (one may
+        be going down too), and last on its own instance if that is still up
+        (a migration rollback whose resumed hop found its hold gone, with
+        every other instance down); False if none took it."""
+        source, tried, own_tried = h.instance_id, {h.instance_id}, False
+        while True:
+            try:
+                dst = self._pick(exclude=tried)
+            except InstanceLost:
+                own = self.instances.get(source)
+                if own_tried or own is None or not own.up:
+                    return False
+                dst, own_tried = own, True
+            tried.add(dst.instance_id)
+            self._notify("on_failover", h, source, dst.instance_id)
+            try:
+                await replay(h, dst, self._set_hop)
+                return True
+            except Exception as e:
+                logger.error("failover of %s to %s failed: %s", h.request_id, dst.instance_id, e)
+                try:  # in case it started there after all
+                    await dst.call("abort", rpc_timeout=2, rid=h.engine_rid)
+                except Exception:
+                    pass
+
+    async def _abort_diverged(self, h: RequestHandle) -> None:
+        inst = self.instances.get(h.instance_id)
+        h.finish("error", error="failover replay diverged from the tokens already streamed")
+        if inst is not None and inst.up:
+            await inst.call("abort", rid=h.engine_rid)

@@ -24,6 +24,7 @@ from llumigrate.frontend.app import build_app
 from llumigrate.frontend.metrics import Metrics
 from llumigrate.frontend.server import bound_port, make_server
 from llumigrate.migration.protocol import MigrationConfig
+from llumigrate.netutil import is_loopback
 from llumigrate.scheduler import SchedulerConfig
 from llumigrate.serve.control_backend import ClusterControlBackend
 from llumigrate.serve.generate_backend import ClusterGenerateBackend
@@ -32,7 +33,6 @@ from llumigrate.serve.scheduler import GlobalScheduler
 
 logger = logging.getLogger(__name__)
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if self.num_instances < 0:
             raise ConfigError(f"num_instances must be >= 0, got {self.num_instances}")
-        if self.host not in LOOPBACK and not self.api_key:
+        if not is_loopback(self.host) and not self.api_key:
             raise ConfigError(f"serving HTTP on {self.host} needs --api-key "
                               "(only loopback is served without one)")
 
