@@ -166,10 +166,11 @@ async def replay(http: aiohttp.ClientSession, base_url: str, jobs: list[Job], sa
 
 
 async def run_config(name: str, server: Server, ctl: ControlClient, jobs: list[Job], salt: int,
-                     probe_dir: Path, label: str) -> dict:
+                     probe_dir: Path, label: str, thresholds: dict[str, float] | None = None) -> dict:
     dispatch, migration = CONFIGS[name]
     await wait_idle(ctl)
-    await ctl.set_policy(dispatch=dispatch, migration=migration)
+    await ctl.set_policy(dispatch=dispatch, migration=migration,
+                         thresholds=thresholds if migration else None)
     results: list[RequestResult] = []
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as http:
         migr0, wall0, t0 = await committed_migrations(http, server.base_url), time.time(), time.perf_counter()
@@ -277,7 +278,7 @@ async def bench(args: argparse.Namespace, jobs: list[Job], out_dir: Path) -> lis
                 order = list(CONFIGS) if rnd % 2 == 0 else list(CONFIGS)[::-1]
                 for name in order:
                     run = await run_config(name, server, ctl, jobs, 1000 * rnd + len(runs), probe_dir,
-                                           f"round {rnd + 1}/{args.rounds}")
+                                           f"round {rnd + 1}/{args.rounds}", args.thresholds)
                     runs.append(run)
                     s = latency_stats(run["results"])
                     print(f"[round {rnd + 1} {name}] p99 TTFT {fmt(s['p99_ttft_ms'], '.0f')} ms  "
@@ -308,7 +309,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args()
+    p.add_argument("--threshold", action="append", default=[], metavar="NAME=VALUE",
+                   help="a scheduler knob for the migration configuration (e.g. "
+                        "migrate_in_threshold=2); repeatable")
+    args = p.parse_args()
+    try:
+        args.thresholds = {k: float(v) for k, v in (t.split("=", 1) for t in args.threshold)}
+    except ValueError:
+        p.error("--threshold takes NAME=VALUE with a number")
+    return args
 
 
 def main() -> None:
