@@ -205,8 +205,13 @@ def pooled(runs: list[dict]) -> dict:
                                      for k in sorted({k for run in runs for k in run["migrations_by_reason"]})}}
 
 
-def summarize(per_config: dict[str, dict]) -> dict:
+def summarize(per_config: dict[str, dict], runs: list[dict] | None = None) -> dict:
     m, n, rr = per_config["migration"], per_config["no_migration"], per_config["round_robin"]
+    # Each round's own p99 TTFT ratio: the spread shows how much of a pooled
+    # ratio is the shared machine's noise (a p99 of ~200 requests is ~2 requests).
+    per_round = {}
+    for run in runs or []:
+        per_round.setdefault(run["label"], {})[run["config"]] = latency_stats(run["results"])["p99_ttft_ms"]
     return {
         "p99_ttft_ratio_migration_vs_none": ratio(m["p99_ttft_ms"], n["p99_ttft_ms"]),
         "throughput_ratio_migration_vs_none": ratio(m["throughput_tok_s"], n["throughput_tok_s"]),
@@ -215,6 +220,9 @@ def summarize(per_config: dict[str, dict]) -> dict:
         "preemptions": {k: v["preemptions"] for k, v in per_config.items()},
         "migrations": {k: v["migrations"] for k, v in per_config.items()},
         "migrations_by_reason": {k: v["migrations_by_reason"] for k, v in per_config.items()},
+        "p99_ttft_ratio_migration_vs_none_per_round": [
+            ratio(r["migration"], r["no_migration"]) for r in per_round.values()
+            if "migration" in r and "no_migration" in r],
     }
 
 
@@ -329,7 +337,7 @@ def main() -> None:
           f"output mean {sum(j.output_len for j in jobs) / len(jobs):.0f} tokens", flush=True)
     runs = asyncio.run(bench(args, jobs, out.parent))
     per_config = {name: pooled([r for r in runs if r["config"] == name]) for name in CONFIGS}
-    summary = summarize(per_config)
+    summary = summarize(per_config, runs)
     write_json(out, {"summary": summary, "configs": per_config, "source": TRACE_SOURCE,
                      "args": vars(args), "num_requests": len(jobs),
                      "runs": [{k: v for k, v in r.items() if k != "results"} | latency_stats(r["results"])
