@@ -121,3 +121,13 @@ def test_dispatch_prefers_the_freer_instance_and_spreads_ties():
     first, ties = asyncio.run(go())
     assert first == "i1"
     assert set(ties) == {"i0", "i1"}
+
+
+def test_engine_spin_reaches_the_agents_command_line():
+    from llumigrate.cli import instance, serve
+    from llumigrate.controller.instance import spin_args
+    args = serve.parse(["--num-instances", "1", "--engine-spin-ms", "5"])
+    assert serve.build_config(args, None, []).engine_spin_ms == 5.0
+    assert serve.build_config(serve.parse([]), None, []).engine_spin_ms is None
+    assert instance.parse(["--engine-spin-ms", "0"]).engine_spin_ms == 0.0
+    assert spin_args(None) == [] and spin_args(0) == ["--engine-spin-ms", "0.0"]

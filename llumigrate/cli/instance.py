@@ -23,8 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from llumigrate.cli.serve import engine_defaults, parse_with_engine_args
+from llumigrate.cli.serve import add_engine_spin, engine_defaults, parse_with_engine_args
 from llumigrate.control.server import DEFAULT_ADDRESS
+from llumigrate.controller.instance import spin_args
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,6 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=0, help="agent RPC port (0: any free one)")
     p.add_argument("--token", default=os.environ.get("LLUMIGRATE_TOKEN"))
     p.add_argument("--kv-transport", default="auto", choices=["auto", "shm", "tcp"])
+    add_engine_spin(p)
     p.add_argument("--leave-timeout", type=float, default=120.0, help="seconds to drain on exit")
 
 
@@ -48,7 +50,7 @@ def _start_agent(args: argparse.Namespace, model: str, engine_args: list[str],
     cmd = [sys.executable, "-m", "llumigrate.agent", "--model", model, "--instance-id",
            args.instance_id, "--host", args.host, "--kv-host", args.host, "--port", str(args.port),
            "--ready-file", str(ready), "--exit-with-parent", "--kv-transport", args.kv_transport,
-           "--", *engine_args]
+           *spin_args(args.engine_spin_ms), "--", *engine_args]
     env = {**os.environ, **({"LLUMIGRATE_TOKEN": args.token} if args.token else {})}
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     t0 = time.monotonic()

@@ -44,7 +44,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precopy-stages", type=int, default=MigrationConfig.max_precopy_stages)
     p.add_argument("--no-failover", action="store_true", help="fail a lost instance's requests")
     p.add_argument("--kv-transport", default="auto", choices=["auto", "shm", "tcp"])
+    add_engine_spin(p)
     p.add_argument("--log-level", default="info")
+
+
+def add_engine_spin(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine-spin-ms", type=float, default=None,
+                   help="how long each engine's internal message-queue readers busy-wait after a "
+                        "read (default: 2 on CPU hosts, vLLM's 1000 elsewhere)")
 
 
 def split_argv(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -84,7 +91,7 @@ def build_config(args: argparse.Namespace, model: str | None, engine_args: list[
         scheduler=SchedulerConfig(dispatch_policy=args.dispatch_policy, migration_policies=policies),
         migration=MigrationConfig(max_precopy_stages=args.precopy_stages),
         interval_s=args.scheduler_interval, failover=not args.no_failover,
-        kv_transport=args.kv_transport, log_level=args.log_level)
+        kv_transport=args.kv_transport, engine_spin_ms=args.engine_spin_ms, log_level=args.log_level)
 
 
 async def serve(config) -> int:

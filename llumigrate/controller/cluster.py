@@ -56,6 +56,7 @@ class Cluster(FailoverSteps):
     def __init__(self, model: str, num_instances: int = 2, engine_args: list[str] | None = None,
                  *, run_dir: str | Path | None = None, migration: MigrationConfig | None = None,
                  kv_transport: str = "auto", token: str | None = None, failover: bool = True,
+                 engine_spin_ms: float | None = None,
                  listener: ClusterListener | None = None, fault: FaultHook | None = None) -> None:
         if num_instances < 0:
             raise ConfigError(f"num_instances must be >= 0, got {num_instances}")
@@ -65,6 +66,7 @@ class Cluster(FailoverSteps):
         self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix="llumigrate-"))
         self.migration_config = migration or MigrationConfig()
         self.kv_transport = kv_transport
+        self.engine_spin_ms = engine_spin_ms
         self.token = token
         self.failover = failover
         self.listener = listener or ClusterListener()
@@ -91,7 +93,8 @@ class Cluster(FailoverSteps):
         if instance_id in self.instances:
             raise ConfigError(f"instance id {instance_id!r} already in use")
         inst = await spawn_agent(instance_id, self.model, self.engine_args, self.run_dir,
-                                 token=self.token, kv_transport=self.kv_transport, env=env)
+                                 token=self.token, kv_transport=self.kv_transport, env=env,
+                                 engine_spin_ms=self.engine_spin_ms)
         await self.add_instance(inst)
         return inst
 

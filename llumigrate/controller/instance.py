@@ -88,9 +88,15 @@ class Instance:
                     pass
 
 
+def spin_args(engine_spin_ms: float | None) -> list[str]:
+    """The agent's `--engine-spin-ms` (none: the agent's own default)."""
+    return [] if engine_spin_ms is None else ["--engine-spin-ms", str(float(engine_spin_ms))]
+
+
 async def spawn_agent(instance_id: str, model: str, engine_argv: list[str], run_dir: Path,
                       *, token: str | None = None, kv_transport: str = "auto",
-                      env: dict[str, str] | None = None, start_timeout: float = 300.0) -> Instance:
+                      env: dict[str, str] | None = None, start_timeout: float = 300.0,
+                      engine_spin_ms: float | None = None) -> Instance:
     """Start a local agent process and wait until it serves."""
     run_dir.mkdir(parents=True, exist_ok=True)
     ready = run_dir / f"{instance_id}.ready"
@@ -98,7 +104,7 @@ async def spawn_agent(instance_id: str, model: str, engine_argv: list[str], run_
     log_path = run_dir / f"{instance_id}.log"
     cmd = [sys.executable, "-m", "llumigrate.agent", "--model", model, "--instance-id", instance_id,
            "--ready-file", str(ready), "--exit-with-parent", "--kv-transport", kv_transport,
-           "--", *engine_argv]
+           *spin_args(engine_spin_ms), "--", *engine_argv]
     env = {**os.environ, **(env or {})}
     if token:
         env["LLUMIGRATE_TOKEN"] = token

@@ -51,6 +51,7 @@ class ServeConfig:
     interval_s: float = 0.5
     failover: bool = True
     kv_transport: str = "auto"
+    engine_spin_ms: float | None = None  # None: the agents' default (2 ms on CPU hosts)
     run_dir: str | None = None
     log_level: str = "info"
 
@@ -71,7 +72,8 @@ class Service:
         self.cluster = Cluster(config.model, config.num_instances, list(config.engine_args),
                                run_dir=config.run_dir, migration=config.migration,
                                kv_transport=config.kv_transport, token=config.token,
-                               failover=config.failover, listener=self.observer)
+                               failover=config.failover, listener=self.observer,
+                               engine_spin_ms=config.engine_spin_ms)
         self.scheduler = GlobalScheduler(self.cluster, config.scheduler, self.observer,
                                          interval_s=config.interval_s)
         self.control = ControlServer(ClusterControlBackend(self.scheduler, self.bus),
