@@ -79,11 +79,11 @@ class SourceVerbs:
         req.stopping = True  # from now the stream's end is withheld until the seal says what it was
         capped = await self._stop_at_step(rid)
         if not capped:
-            await self._abort_in_engine(rid)
+            await self._abort_in_engine(req)
         sealed = asyncio.ensure_future(self._sealed(rid, timeout + (STOP_AT_STEP_S if capped else 0)))
         if not await self._wait_first(sealed, req, STOP_AT_STEP_S if capped else timeout) and capped:
             # Capped but not ended (say, vLLM preempted it meanwhile): abort it.
-            await self._abort_in_engine(rid)
+            await self._abort_in_engine(req)
             await self._wait_first(sealed, req, timeout)
         reason = req.result["reason"] if req.result else None
         # NOTE: a capped request ends as "length" before its seal arrives: only
@@ -114,10 +114,10 @@ class SourceVerbs:
         reply = await self.commands.call({"kind": "stop", "key": rid})
         return bool(reply and reply.get("capped"))
 
-    async def _abort_in_engine(self, rid: str) -> None:
-        self._live(rid).engine_aborts += 1
-        if not await self.rt.abort_in_engine_core(rid):  # the engine frontend no longer knows it
-            await self.rt.abort(rid)
+    async def _abort_in_engine(self, req: AgentRequest) -> None:
+        req.engine_aborts += 1
+        if not await self.rt.abort_in_engine_core(req.rid):  # the engine frontend no longer knows it
+            await self.rt.abort(req.rid)
 
     @staticmethod
     async def _wait_first(sealed: asyncio.Future, req: AgentRequest, timeout: float) -> bool:
