@@ -1,0 +1,78 @@
+"""Defrag on real engines: a request queued on an instance whose KV cannot
+hold it is re-dispatched by the scheduler to an instance that starts it at
+once, and produces what it produces there without the move.
+
+Its own `llumigrate serve` (2 engines with 80 KV blocks each), so that one
+running request leaves too little room for the next."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.engine
+
+BLOCK, NUM_BLOCKS = 32, 80
+GREEDY = {"temperature": 0.0, "ignore_eos": True}
+
+
+def kv_args(model: str) -> list[str]:
+    """Engine arguments giving each engine NUM_BLOCKS KV blocks of the model (float32)."""
+    cfg = json.loads((Path(model) / "config.json").read_text())
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    per_token = 2 * cfg["num_hidden_layers"] * cfg.get("num_key_value_heads", cfg["num_attention_heads"]) \
+        * head_dim * 4
+    return ["--dtype", "float32", "--enforce-eager", "--block-size", str(BLOCK),
+            "--kv-cache-memory-bytes", str(NUM_BLOCKS * BLOCK * per_token),
+            "--max-model-len", "2048", "--max-num-seqs", "8"]
+
+
+def prompt_of(n: int, salt: int) -> list[int]:
+    return [3 + (i * 11 + salt * 17) % 1900 for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def small_service(tiny_model: str, loop, tmp_path_factory):
+    from llumigrate.scheduler import SchedulerConfig
+    from llumigrate.serve.service import ServeConfig, Service
+    config = ServeConfig(model=tiny_model, num_instances=2, engine_args=tuple(kv_args(tiny_model)), port=0,
+                         control_address="127.0.0.1:0", served_model_name="tiny",
+                         scheduler=SchedulerConfig(migration_policies=()), interval_s=0.1,
+                         run_dir=str(tmp_path_factory.mktemp("defrag")), log_level="warning")
+    svc = Service(config)
+    loop.run(svc.start(), timeout=600)
+    yield svc
+    loop.run(svc.stop(), timeout=120)
+
+
+def test_blocked_queue_head_is_redispatched_where_it_starts(loop, small_service):
+    cluster, scheduler = small_service.cluster, small_service.scheduler
+
+    async def go():
+        # A: 1400 prompt tokens (44 blocks) decoding on i0; B needs 38 blocks, i0 has 36 left.
+        a = await cluster.submit(prompt_of(1400, 1), {**GREEDY, "max_tokens": 600}, instance="i0")
+        await a.wait_tokens(1, 120)
+        b = await cluster.submit(prompt_of(1200, 2), {**GREEDY, "max_tokens": 40}, instance="i0")
+        await asyncio.sleep(0.5)
+        queued_on_i0 = not b.output_token_ids and b.instance_id == "i0"
+        scheduler.set_policy(migration=["defrag"])
+        try:
+            await b.wait_tokens(1, 120)
+            a_still_running = not a.finished  # B did not just wait for A to end
+            await b.wait(120)
+        finally:
+            scheduler.set_policy(migration=[])
+        await cluster.abort(a.request_id)
+        await a.wait(60)
+        moved = [m for m in cluster.migrations if m.request_id == b.request_id]
+        ref = await cluster.submit(prompt_of(1200, 2), {**GREEDY, "max_tokens": 40}, instance="i1")
+        await ref.wait(120)
+        return queued_on_i0, a_still_running, b, moved, ref
+    queued_on_i0, a_still_running, b, moved, ref = loop.run(go())
+    assert queued_on_i0, "B should have waited on i0 (too few free blocks there)"
+    assert [(m.source, m.destination, m.committed) for m in moved] == [("i0", "i1", True)], moved
+    assert a_still_running and b.instance_id == "i1" and b.finish_reason == "length"
+    assert b.output_token_ids == ref.output_token_ids
