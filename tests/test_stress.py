@@ -48,6 +48,8 @@ def test_every_fault_kind_injected_and_no_violation(stress_run):
     assert downed and downed <= killed, (downed, killed)
     assert summary["instances_down"] == len(res.instances_down)
     assert summary["migrations_committed"] > 0
+    stopped_by = summary["migrations_stopped_by"]
+    assert sum(stopped_by.values()) == summary["migrations_committed"] and set(stopped_by) <= {"step", "abort"}
     assert path.with_suffix(".png").exists()
 
 

@@ -42,6 +42,9 @@ def summary(res: StressResult) -> dict:
         "violations": len(res.violations),
         "violations_by_check": dict(Counter(v.check for v in res.violations)),
         "migrations_committed": len(committed),
+        # How the source stopped each committed one: "step" (at a step boundary,
+        # no sampled token lost) or "abort" (not running there, or not ended in time).
+        "migrations_stopped_by": dict(Counter(m.stopped_by or "unknown" for m in committed)),
         "migrations_aborted": dict(Counter(abort_class(m.reason) for m in res.migrations if not m.committed)),
         "migrations_refused": res.refused,
         "migrations_started": res.started,
