@@ -110,6 +110,11 @@ class RollbackSteps:
         del req.output_token_ids[generated:]
         if req.output_logprobs is not None:
             del req.output_logprobs[generated:]
+        missing = sealed.tokens[len(req.all_token_ids):]
+        if missing:  # the resumed hop continues after every sealed token: the client needs them all
+            logger.warning("%s: %d sealed tokens had not reached the stream; sending them before "
+                           "resuming", req.request_id, len(missing))
+            req.append(missing)
         self.on_hop(req, self.src, req.hop + 1)  # a fresh hop id, never reused
         # Like a commit: a hop that fails before its first token (say, its
         # KV load found the hold gone) is reported here, not to the client.
