@@ -87,3 +87,36 @@ def test_failover_tries_its_own_instance_once_and_only_last():
     assert ok is False
     assert [m for m, _ in insts["i1"].calls] == ["generate", "abort"]
     assert [m for m, _ in insts["i0"].calls] == ["generate", "abort"]
+
+
+def test_rollback_resume_keeps_tokens_the_client_has_beyond_the_seal():
+    """The stopped hop was a seeded failover replay that had not caught up
+    with what the client already had: resuming from the seal reproduces those
+    tokens, which are checked and not sent again, and none is dropped from the
+    record (the CI stress violation: 2 tokens missing mid-stream)."""
+    from types import SimpleNamespace
+
+    from llumigrate.controller.rollback import RollbackSteps
+    from llumigrate.engine.params import SealedRequest
+
+    class Resume(RollbackSteps):
+        def _load(self, src_key, num_tokens, *, final):
+            return {}
+
+    async def go():
+        h = RequestHandle("r", [1, 2, 3], {"temperature": 1.0, "seed": 7, "max_tokens": 8}, 0, "i0")
+        h.output_token_ids = [10, 11, 12, 13]
+        h.replay_expected = [12, 13]
+        src = FakeInstance("i0", True)
+        r = Resume()
+        r.req, r.src, r.dst, r.old_rid = h, src, FakeInstance("i1", True), "r#0"
+        r.m = SimpleNamespace(timeout_for=lambda: 2.0)
+        r.sealed = SealedRequest("r#0", [1, 2, 3, 10, 11], 3, 4, 1, None)
+        r.on_hop = lambda req, inst, hop: setattr(req, "hop", hop)
+        asyncio.get_running_loop().call_later(0.05, lambda: h.append([12, 13, 14]))  # the resumed hop
+        await r._resume_on_source()
+        return h, src
+    h, src = asyncio.run(go())
+    gen = [a for m, a in src.calls if m == "generate"][0]
+    assert gen["prompt_token_ids"] == [1, 2, 3, 10, 11] and gen["sampling"]["max_tokens"] == 6
+    assert h.output_token_ids == [10, 11, 12, 13, 14] and h.replay_expected == []

@@ -104,17 +104,18 @@ class RollbackSteps:
         sealed = self.sealed
         if sealed is None:  # the stop never sealed: there is nothing exact to resume from
             raise MigrationAborted("source request was stopped but never sealed", "stopping")
-        # Tokens the destination produced before failing are kept only if it
-        # committed; here it did not, so continue from the sealed list.
+        # Continue from the sealed list. The client may be ahead of it (the
+        # hop was a failover replay that had not caught up with what was
+        # streamed): the resumed hop reproduces those tokens, which are checked
+        # and not sent again, never dropped from the request's record.
         generated = len(sealed.tokens) - len(req.prompt_token_ids)
-        del req.output_token_ids[generated:]
-        if req.output_logprobs is not None:
-            del req.output_logprobs[generated:]
+        req.replay_expected = list(req.output_token_ids[generated:])
         missing = sealed.tokens[len(req.all_token_ids):]
         if missing:  # the resumed hop continues after every sealed token: the client needs them all
             logger.warning("%s: %d sealed tokens had not reached the stream; sending them before "
                            "resuming", req.request_id, len(missing))
             req.append(missing)
+        n_before = len(req.output_token_ids)
         self.on_hop(req, self.src, req.hop + 1)  # a fresh hop id, never reused
         # Like a commit: a hop that fails before its first token (say, its
         # KV load found the hold gone) is reported here, not to the client.
@@ -125,10 +126,10 @@ class RollbackSteps:
                                 sampling=req.continuation_sampling(generated), priority=req.priority,
                                 load=self._load(self.old_rid, sealed.num_kv_tokens, final=True),
                                 generator_state=sealed.generator_state)
-            await self._release_after_resume(generated)
+            await self._release_after_resume(n_before)
         finally:
             req.committing = False
-        if req.hop_error is not None and len(req.output_token_ids) == generated:
+        if req.hop_error is not None and len(req.output_token_ids) == n_before:
             raise MigrationAborted(f"the resumed request failed on the source: {req.hop_error}",
                                    "rolling_back")
 
