@@ -4,6 +4,7 @@ two-instance cluster is session-scoped and shared by every engine test."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Coroutine
 from typing import Any
@@ -52,22 +53,31 @@ def loop() -> LoopThread:
     lt.close()
 
 
-@pytest.fixture(scope="session")
-def service(tiny_model: str, loop: LoopThread, tmp_path_factory: pytest.TempPathFactory):
+@contextlib.contextmanager
+def running_service(loop: LoopThread, model: str, engine_args, run_dir: str, interval_s: float = 0.2):
     """`llumigrate serve` in-process: 2 real engines, the OpenAI endpoint and
-    the gRPC control API on free loopback ports. The scheduler's migration
-    policies start disabled, so tests that migrate by hand are undisturbed;
-    a test that enables one restores the policy after."""
+    the gRPC control API on free loopback ports, migration policies off."""
     from llumigrate.scheduler import SchedulerConfig
     from llumigrate.serve.service import ServeConfig, Service
-    config = ServeConfig(model=tiny_model, num_instances=2, engine_args=tuple(ENGINE_ARGS), port=0,
+    config = ServeConfig(model=model, num_instances=2, engine_args=tuple(engine_args), port=0,
                          control_address="127.0.0.1:0", served_model_name="tiny",
-                         scheduler=SchedulerConfig(migration_policies=()), interval_s=0.2,
-                         run_dir=str(tmp_path_factory.mktemp("service")), log_level="warning")
+                         scheduler=SchedulerConfig(migration_policies=()), interval_s=interval_s,
+                         run_dir=run_dir, log_level="warning")
     svc = Service(config)
     loop.run(svc.start(), timeout=600)
-    yield svc
-    loop.run(svc.stop(), timeout=120)
+    try:
+        yield svc
+    finally:
+        loop.run(svc.stop(), timeout=120)
+
+
+@pytest.fixture(scope="session")
+def service(tiny_model: str, loop: LoopThread, tmp_path_factory: pytest.TempPathFactory):
+    """The shared service (see `running_service`). Its migration policies
+    start disabled, so tests that migrate by hand are undisturbed; a test
+    that enables one restores the policy after."""
+    with running_service(loop, tiny_model, ENGINE_ARGS, str(tmp_path_factory.mktemp("service"))) as svc:
+        yield svc
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import running_service
 
 pytestmark = pytest.mark.engine
 
@@ -36,16 +37,9 @@ def prompt_of(n: int, salt: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def small_service(tiny_model: str, loop, tmp_path_factory):
-    from llumigrate.scheduler import SchedulerConfig
-    from llumigrate.serve.service import ServeConfig, Service
-    config = ServeConfig(model=tiny_model, num_instances=2, engine_args=tuple(kv_args(tiny_model)), port=0,
-                         control_address="127.0.0.1:0", served_model_name="tiny",
-                         scheduler=SchedulerConfig(migration_policies=()), interval_s=0.1,
-                         run_dir=str(tmp_path_factory.mktemp("defrag")), log_level="warning")
-    svc = Service(config)
-    loop.run(svc.start(), timeout=600)
-    yield svc
-    loop.run(svc.stop(), timeout=120)
+    with running_service(loop, tiny_model, kv_args(tiny_model), str(tmp_path_factory.mktemp("defrag")),
+                         interval_s=0.1) as svc:
+        yield svc
 
 
 def test_blocked_queue_head_is_redispatched_where_it_starts(loop, small_service):

@@ -157,19 +157,18 @@ class SourceVerbs:
     async def _deliver_withheld(self, req: AgentRequest, final: dict | None = None) -> None:
         """Send the client the events withheld while stopping. With `final`
         (the engine's record of a request that finished as it was stopped),
-        also the tokens the stream missed, and the finish."""
-        req.stopping = False
-        if req.conn is None:
-            return
-        for event in req.held_back:
-            if final is None:
-                await req.conn.push("out", **event)
-            elif event["tokens"]:
-                await req.conn.push("out", **{**event, "finished": False, "reason": None})
+        the withheld tokens, then the ones the stream missed, and the finish."""
         if final is not None:
-            tail = final["tokens"][final["num_prompt_tokens"] + req.num_tokens:]
-            await req.conn.push("out", rid=req.rid, tokens=tail, finished=True,
-                                reason=final["finished"], stop_reason=final.get("stop_reason"))
+            await self._deliver_tokens(req)
+            if req.conn is not None:
+                tail = final["tokens"][final["num_prompt_tokens"] + req.num_tokens:]
+                await req.conn.push("out", rid=req.rid, tokens=tail, finished=True,
+                                    reason=final["finished"], stop_reason=final.get("stop_reason"))
+            return
+        req.stopping = False
+        if req.conn is not None:
+            for event in req.held_back:
+                await req.conn.push("out", **event)
 
     async def _sealed(self, rid: str, timeout: float) -> dict:
         """{"sealed": record} of stopped `rid`, from the engine's pushes (the
