@@ -37,19 +37,28 @@ from llumigrate.migration.protocol import MigrationConfig
 logger = logging.getLogger(__name__)
 
 
-def cpu_threads(num_instances: int) -> dict[str, str]:
-    """CPU engines: an even share of this host's cores each, left to the OS
-    scheduler. vLLM's default binds every engine on a host to the same cores;
-    pinning each engine to its own core instead starves the control plane
-    (agents, engine cores, KV transfers float over the same cores), which
-    stalls single engine steps for seconds. The operator's own
+# Cores left to the control plane (the serve process, agents, engine cores,
+# KV transfers) when sizing CPU engines' thread teams, like vLLM's own
+# reservation of one core for its engine core.
+CONTROL_PLANE_CORES = 1
+
+
+def cpu_threads(num_instances: int, cores: int | None = None) -> dict[str, str]:
+    """CPU engines: an even share each of this host's cores less
+    CONTROL_PLANE_CORES (at least one thread), left to the OS scheduler.
+    vLLM's default binds every engine on a host to the same cores; pinning
+    each engine to its own core instead starves the control plane, which
+    stalls single engine steps for seconds. Taking every core does too, more
+    quietly: an OpenMP team with a thread preempted by the control plane
+    waits at each barrier (on 2 cores, a tiny model's steps took 4x longer
+    with 2 threads than with 1). The operator's own
     VLLM_CPU_OMP_THREADS_BIND / OMP_NUM_THREADS win."""
     if "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
         return {}
-    cores = len(os.sched_getaffinity(0))
+    cores = len(os.sched_getaffinity(0)) if cores is None else cores
+    share = (cores - CONTROL_PLANE_CORES) // max(1, num_instances)
     return {"VLLM_CPU_OMP_THREADS_BIND": "nobind",
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS",
-                                              str(max(1, cores // max(1, num_instances))))}
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, share)))}
 
 
 class Cluster(FailoverSteps):
