@@ -165,6 +165,27 @@ async def replay(http: aiohttp.ClientSession, base_url: str, jobs: list[Job], sa
     await asyncio.gather(*tasks)
 
 
+async def sample_load(ctl: ControlClient, t0: float, timeline: list[dict], every_s: float = 0.1) -> None:
+    """Per-instance queue and free blocks every `every_s`, until cancelled."""
+    while True:
+        insts = await ctl.list_instances()
+        timeline.append({"t": round(time.perf_counter() - t0, 3),
+                         "instances": {i.id: [i.num_running, i.num_waiting, i.free_blocks]
+                                       for i in insts if i.up}})
+        await asyncio.sleep(every_s)
+
+
+def stranded_queue_s(timeline: list[dict]) -> float:
+    """Seconds during which some instance had a queue while another had none
+    (queued work that a move could have started sooner), from the samples."""
+    total = 0.0
+    for a, b in zip(timeline, timeline[1:]):
+        waiting = [w for _, w, _ in a["instances"].values()]
+        if len(waiting) > 1 and max(waiting) > 0 and min(waiting) == 0:
+            total += b["t"] - a["t"]
+    return total
+
+
 async def run_config(name: str, server: Server, ctl: ControlClient, jobs: list[Job], salt: int,
                      probe_dir: Path, label: str, thresholds: dict[str, float] | None = None) -> dict:
     dispatch, migration = CONFIGS[name]
@@ -179,15 +200,27 @@ async def run_config(name: str, server: Server, ctl: ControlClient, jobs: list[J
             return (f"[{label} {name}] {time.perf_counter() - t0:5.0f}s  done {len(results)}/{len(jobs)}  "
                     f"failed {sum(r.error is not None for r in results)}  "
                     f"preemptions {count_preemptions(probe_dir, wall0)}")
-        async with StatusLine(status):
-            await replay(http, server.base_url, jobs, salt, results)
+        timeline: list[dict] = []
+        sampler = asyncio.ensure_future(sample_load(ctl, t0, timeline))
+        try:
+            async with StatusLine(status):
+                await replay(http, server.base_url, jobs, salt, results)
+        finally:
+            sampler.cancel()
+        if sampler.done() and not sampler.cancelled() and sampler.exception() is not None:
+            raise sampler.exception()
         elapsed, wall1 = time.perf_counter() - t0, time.time()
         migr1 = await committed_migrations(http, server.base_url)
         by_reason = {k: n - migr0.get(k, 0) for k, n in migr1.items() if n - migr0.get(k, 0)}
     return {"config": name, "label": label, "results": results, "elapsed_s": elapsed,
             "preemptions": count_preemptions(probe_dir, wall0, wall1),
             "migrations": sum(by_reason.values()), "migrations_by_reason": by_reason,
-            "errors": sorted({r.error for r in results if r.error})[:5]}
+            "errors": sorted({r.error for r in results if r.error})[:5],
+            "stranded_queue_s": stranded_queue_s(timeline), "timeline": timeline,
+            "slowest_starts": [{"sent_s": round(r.sent_at - t0, 3), "ttft_s": round(r.ttft, 3),
+                                "prompt_len": r.prompt_len, "max_tokens": r.max_tokens}
+                               for r in sorted((r for r in results if r.ttft is not None),
+                                               key=lambda r: -r.ttft)[:10]]}
 
 
 # -- summary -----------------------------------------------------------------------------
@@ -201,6 +234,7 @@ def pooled(runs: list[dict]) -> dict:
             "throughput_tok_s": tokens / seconds, "request_throughput": len(results) / seconds,
             "preemptions": sum(run["preemptions"] for run in runs),
             "migrations": sum(run["migrations"] for run in runs),
+            "stranded_queue_s": sum(run["stranded_queue_s"] for run in runs),
             "migrations_by_reason": {k: sum(run["migrations_by_reason"].get(k, 0) for run in runs)
                                      for k in sorted({k for run in runs for k in run["migrations_by_reason"]})}}
 
@@ -219,6 +253,7 @@ def summarize(per_config: dict[str, dict], runs: list[dict] | None = None) -> di
         "p99_e2e_ratio_migration_vs_none": ratio(m["p99_e2e_ms"], n["p99_e2e_ms"]),
         "preemptions": {k: v["preemptions"] for k, v in per_config.items()},
         "migrations": {k: v["migrations"] for k, v in per_config.items()},
+        "stranded_queue_s": {k: round(v["stranded_queue_s"], 2) for k, v in per_config.items()},
         "migrations_by_reason": {k: v["migrations_by_reason"] for k, v in per_config.items()},
         "p99_ttft_ratio_migration_vs_none_per_round": [
             ratio(r["migration"], r["no_migration"]) for r in per_round.values()
@@ -291,6 +326,7 @@ async def bench(args: argparse.Namespace, jobs: list[Job], out_dir: Path) -> lis
                     s = latency_stats(run["results"])
                     print(f"[round {rnd + 1} {name}] p99 TTFT {fmt(s['p99_ttft_ms'], '.0f')} ms  "
                           f"preemptions {run['preemptions']}  migrations {run['migrations_by_reason']}  "
+                          f"stranded queue {run['stranded_queue_s']:.1f}s  "
                           f"failed {s['failed']}", flush=True)
     finally:
         server.stop()
