@@ -4,11 +4,25 @@ malformed frame) surfaces as TransferError naming the peer."""
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import TypeVar
 
-from llumigrate.errors import TransferError
-from llumigrate.transfer.wire import MAX_FRAME, Message, WireError, decode
+from llumigrate.errors import TransferError, TransferRefused
+from llumigrate.kv.layout import KVLayout
+from llumigrate.transfer.wire import (
+    MAX_FRAME,
+    VERSION,
+    Accept,
+    Challenge,
+    Hello,
+    Message,
+    Refuse,
+    WireError,
+    decode,
+    host_id,
+    mac,
+)
 
 M = TypeVar("M", bound=Message)
 
@@ -114,3 +128,22 @@ class Channel:
             self.sock.close()
         except OSError:
             pass
+
+
+def client_hello(chan: Channel, io_timeout_s: float, token: str | None, layout: KVLayout,
+                 transport: str) -> tuple[Accept, int]:
+    """A KV client's side of the handshake up to the server's verdict:
+    answer its challenge (protocol version, HMAC of the nonce, our layout and
+    the `transport` we ask for). Returns the server's Accept and its pid;
+    raises TransferRefused when it refuses us, TransferError on a version
+    mismatch."""
+    ch = chan.recv(io_timeout_s, Challenge)
+    if ch.version != VERSION:
+        raise TransferError(f"KV server {chan.peer} speaks protocol v{ch.version}, we speak v{VERSION}")
+    chan.send(Hello(VERSION, mac(token, ch.nonce), layout.to_wire(), transport, host_id(), os.getpid()),
+              io_timeout_s)
+    reply = chan.recv_any(io_timeout_s, Accept, Refuse)
+    if isinstance(reply, Refuse):
+        raise TransferRefused(f"KV server {chan.peer} refused the connection: {reply.reason}")
+    assert isinstance(reply, Accept)
+    return reply, ch.pid

@@ -6,7 +6,6 @@ buffer filled from the socket)."""
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 
@@ -16,24 +15,19 @@ from llumigrate.errors import TransferError, TransferRefused
 from llumigrate.kv.layout import KVLayout
 from llumigrate.kv.ops import read_remote_blocks, scatter_blocks
 from llumigrate.transfer.api import PullRequest
-from llumigrate.transfer.channel import Channel
+from llumigrate.transfer.channel import Channel, client_hello
 from llumigrate.transfer.plan import ChunkPlan
 from llumigrate.transfer.shm import Segment, pid_alive, remove_stale_segments, unlink
 from llumigrate.transfer.wire import (
-    VERSION,
     Accept,
     Ack,
-    Challenge,
     ChunkReady,
     Consumed,
     Failed,
     GrantMsg,
-    Hello,
     Pull,
     Ready,
     Refuse,
-    host_id,
-    mac,
 )
 
 logger = logging.getLogger(__name__)
@@ -95,16 +89,7 @@ class ClientConnection:
 
     def _handshake(self, token: str | None, transport: str) -> None:
         io = self.io
-        ch = self.chan.recv(io, Challenge)
-        if ch.version != VERSION:
-            raise TransferError(f"KV server {self.chan.peer} speaks protocol v{ch.version}, we speak v{VERSION}")
-        self.server_pid = ch.pid
-        self.chan.send(Hello(VERSION, mac(token, ch.nonce), self.layout.to_wire(), transport, host_id(),
-                             os.getpid()), io)
-        reply = self.chan.recv_any(io, Accept, Refuse)
-        if isinstance(reply, Refuse):
-            raise TransferRefused(f"KV server {self.chan.peer} refused the connection: {reply.reason}")
-        assert isinstance(reply, Accept)
+        reply, self.server_pid = client_hello(self.chan, io, token, self.layout, transport)
         if reply.transport != "local":
             if transport not in ("auto", "tcp"):
                 raise TransferError(f"KV server {self.chan.peer} offers only tcp, not {transport}")

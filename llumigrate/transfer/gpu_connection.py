@@ -5,7 +5,6 @@ at a time straight into the client's device blocks. Same interface as
 
 from __future__ import annotations
 
-import os
 
 import torch
 
@@ -14,14 +13,13 @@ from llumigrate.kv.layout import KVLayout
 from llumigrate.kv.ops import scatter_blocks
 from llumigrate.transfer import nccl
 from llumigrate.transfer.api import PullRequest
-from llumigrate.transfer.channel import Channel
+from llumigrate.transfer.channel import Channel, client_hello
 from llumigrate.transfer.cuda_ipc import PEERS, IpcMapping, ipc_copy
 from llumigrate.transfer.gpu_link import local_endpoint, recv_frame, send_frame
 from llumigrate.transfer.gpu_stream import run_on_side_stream
 from llumigrate.transfer.plan import ChunkPlan
 from llumigrate.transfer.select import Endpoint, choose_transport, hello_transport
-from llumigrate.transfer.wire import VERSION, Accept, Ack, Challenge, Failed, GrantMsg, Hello, Pull, Refuse, \
-    host_id, mac
+from llumigrate.transfer.wire import Ack, Failed, GrantMsg, Pull, Refuse
 
 
 class GpuConnection:
@@ -54,16 +52,7 @@ class GpuConnection:
 
     def _handshake(self, token: str | None, transport: str) -> None:
         io = self.io
-        ch = self.chan.recv(io, Challenge)
-        if ch.version != VERSION:
-            raise TransferError(f"KV server {self.chan.peer} speaks protocol v{ch.version}, we speak v{VERSION}")
-        self.server_pid = ch.pid
-        self.chan.send(Hello(VERSION, mac(token, ch.nonce), self.layout.to_wire(),
-                             hello_transport(transport, "cuda"), host_id(), os.getpid()), io)
-        reply = self.chan.recv_any(io, Accept, Refuse)
-        if isinstance(reply, Refuse):
-            raise TransferRefused(f"KV server {self.chan.peer} refused the connection: {reply.reason}")
-        assert isinstance(reply, Accept)
+        reply, self.server_pid = client_hello(self.chan, io, token, self.layout, hello_transport(transport, "cuda"))
         if reply.transport != "gpu":
             raise TransferError(f"KV server {self.chan.peer} does not serve CUDA KV (it offered {reply.transport})")
         offer = recv_frame(self.chan, io, "gpu_offer")
