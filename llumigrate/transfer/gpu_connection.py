@@ -5,7 +5,6 @@ at a time straight into the client's device blocks. Same interface as
 
 from __future__ import annotations
 
-
 import torch
 
 from llumigrate.errors import TransferError, TransferRefused
