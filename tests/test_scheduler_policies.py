@@ -179,6 +179,15 @@ def test_defrag_redispatches_a_blocked_head_that_can_start_elsewhere():
     assert after["i0"].waiting_demand_blocks == 3 and after["i1"].waiting_demand_blocks == 12
 
 
+def test_defrag_redispatches_a_preempted_head():
+    """A preempted request heads its queue again with its whole context to
+    recompute; where another instance can start it now, it moves there."""
+    head = make_request("p", prompt=8 * 16, output=4 * 16, status="waiting")   # 12 blocks
+    i0 = replace(blocked(head, head=12, free=4), head_waiting_id="p")
+    plans = defrag(make_cluster(i0, make_instance("i1", num_blocks=40)), ctx(**WIDE))
+    assert moves(plans) == [("p", "i0", "i1")] and plans[0].waiting
+
+
 def test_defrag_does_not_redispatch_into_a_queue_or_twice_in_a_row():
     head = _queued("h", 12)
     i0 = replace(blocked(head, head=12, free=4), head_waiting_id="h")

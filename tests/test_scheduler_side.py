@@ -134,3 +134,35 @@ def test_command_channel_round_trip_and_bad_commands(tmp_path):
     assert "unknown command" in replies[2]["error"]
     assert unreachable is None
     assert server.path == path
+
+
+def _step_output(scheduled: tuple[str, ...] = (), preempted: tuple[str, ...] = ()) -> SimpleNamespace:
+    """The parts of a vLLM SchedulerOutput the preemption report reads."""
+    cached = SimpleNamespace(req_ids=list(scheduled), new_block_ids=[None] * len(scheduled),
+                             resumed_req_ids=set(scheduled))
+    return SimpleNamespace(scheduled_new_reqs=[], scheduled_cached_reqs=cached,
+                           preempted_req_ids=set(preempted))
+
+
+def test_preempted_requests_are_reported_head_first_until_resumed_or_finished():
+    s = SchedulerSide(16, {}, 1000)
+    sent: list[list[str]] = []
+    s.notifier.send = lambda kind, key, **f: sent.append(f["keys"]) if kind == "preempted" else None
+    reqs = {}
+    for key in ("a#0", "b#0"):
+        req = FakeRequest()
+        req.request_id, req.kv_transfer_params = key + "-x", RequestTag(key).to_params()
+        s.on_new_request(req)
+        reqs[key] = req
+    s.build_connector_meta(_step_output(scheduled=("a#0-x", "b#0-x")))
+    assert sent == []                                   # nothing preempted: nothing to say
+    s.build_connector_meta(_step_output(scheduled=("a#0-x",), preempted=("b#0-x",)))
+    s.build_connector_meta(_step_output(preempted=("a#0-x",)))
+    assert sent == [["b#0"], ["a#0", "b#0"]]            # vLLM re-queues the newest at the head
+    s.build_connector_meta(_step_output(scheduled=("b#0-x",)))
+    assert sent[-1] == ["a#0"]                          # b resumed
+    s.build_connector_meta(_step_output())
+    assert len(sent) == 3                               # unchanged: not sent again
+    reqs["a#0"].status = RequestStatus.FINISHED_ABORTED
+    s.request_finished(reqs["a#0"], [])
+    assert sent[-1] == []

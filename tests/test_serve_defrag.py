@@ -70,3 +70,46 @@ def test_blocked_queue_head_is_redispatched_where_it_starts(loop, small_service)
     assert [(m.source, m.destination, m.committed) for m in moved] == [("i0", "i1", True)], moved
     assert a_still_running and b.instance_id == "i1" and b.finish_reason == "length"
     assert b.output_token_ids == ref.output_token_ids
+
+
+def test_preempted_request_is_redispatched_and_continues_exactly(loop, small_service):
+    """vLLM preempts B on i0 when A's growth needs its blocks; B is re-queued
+    at the head with its whole context to recompute, and A keeps growing, so
+    B cannot restart there. The engine reports B as preempted; defrag moves it
+    to the empty i1, where it continues with the tokens it would have produced
+    without the preemption or the move."""
+    cluster, scheduler = small_service.cluster, small_service.scheduler
+
+    async def go():
+        seen: list[list[str]] = []
+
+        async def watch() -> None:
+            while True:
+                pre = cluster.instances["i0"].load.get("preempted") or []
+                if pre and pre not in seen:
+                    seen.append(list(pre))
+                await asyncio.sleep(0.01)
+        watcher = asyncio.ensure_future(watch())
+        scheduler.set_policy(migration=["defrag"])
+        try:
+            # A: 50 blocks of prompt, B: 22; together they fill 72 of 80 and
+            # outgrow the rest after about 128 tokens each.
+            a = await cluster.submit(prompt_of(1600, 3), {**GREEDY, "max_tokens": 440}, instance="i0")
+            await a.wait_tokens(1, 120)
+            b = await cluster.submit(prompt_of(700, 4), {**GREEDY, "max_tokens": 300}, instance="i0")
+            await b.wait(180)
+            a_running_when_b_ended = not a.finished
+            await a.wait(180)
+        finally:
+            scheduler.set_policy(migration=[])
+            watcher.cancel()
+        moved = [m for m in cluster.migrations if m.request_id == b.request_id]
+        ref = await cluster.submit(prompt_of(700, 4), {**GREEDY, "max_tokens": 300}, instance="i1")
+        await ref.wait(120)
+        return seen, a, b, moved, ref, a_running_when_b_ended
+    seen, a, b, moved, ref, a_running_when_b_ended = loop.run(go())
+    assert any(f"{b.request_id}#0" in keys for keys in seen), f"B was never reported preempted: {seen}"
+    assert [(m.source, m.destination, m.committed) for m in moved] == [("i0", "i1", True)], moved
+    assert b.instance_id == "i1" and b.finish_reason == "length" and a_running_when_b_ended
+    assert b.output_token_ids == ref.output_token_ids
+    assert a.finish_reason == "length" and len(a.output_token_ids) == 440

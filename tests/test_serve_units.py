@@ -10,6 +10,7 @@ import pytest
 from llumigrate.controller.instance import Instance
 from llumigrate.controller.request import RequestHandle
 from llumigrate.errors import ConfigError
+from llumigrate.migration.protocol import MigrationConfig
 from llumigrate.scheduler import SchedulerConfig
 from llumigrate.serve.scheduler import GlobalScheduler
 from llumigrate.serve.snapshots import cluster_snapshot
@@ -22,6 +23,8 @@ class FakeCluster:
         self.instances: dict[str, Instance] = {}
         self.requests: dict[str, RequestHandle] = {}
         self.migrated: list[tuple[str, str]] = []
+        self.configs: list = []
+        self.migration_config = MigrationConfig()
 
     def add(self, iid: str, free: int, num_blocks: int = 100, running: int = 0, waiting: int = 0,
             reported_at: float = 0.0) -> Instance:
@@ -39,8 +42,9 @@ class FakeCluster:
         self.requests[rid] = h
         return h
 
-    async def migrate(self, rid: str, dst: str):
+    async def migrate(self, rid: str, dst: str, config=None):
         self.migrated.append((rid, dst))
+        self.configs.append(config)
         raise ConfigError("not in this test")
 
 
@@ -61,6 +65,25 @@ def test_snapshot_counts_fresh_dispatches_as_waiting_demand():
     assert by_id["old"].status == "running" and by_id["old"].migratable
     # Queued: only defrag may move it (re-dispatch), and it is the head.
     assert by_id["new"].status == "waiting" and snap.head_waiting_id == "new"
+
+
+def test_snapshot_puts_preempted_requests_at_the_queue_head():
+    """vLLM re-queues a preempted request at the head, holding no blocks: the
+    engine lists it (newest first) and the snapshot counts it as waiting
+    demand for its whole context, ahead of the requests not started yet."""
+    c = FakeCluster()
+    c.add("i0", free=20, running=1, waiting=3, reported_at=5.0)
+    c.instances["i0"].load["preempted"] = ["p2#0", "p1#0", "gone#0"]
+    c.request("run", "i0", prompt=40, output=10)
+    c.request("p1", "i0", prompt=64, output=16)     # 5 blocks of context
+    c.request("p2", "i0", prompt=32, output=16)     # 3 blocks
+    c.request("q", "i0", prompt=48, output=0)       # 3 blocks, counted by the engine
+    snap = cluster_snapshot(c, now=6.0)["i0"]
+    by_id = {r.request_id: r for r in snap.requests}
+    assert by_id["run"].status == "running"
+    assert [by_id[k].status for k in ("p1", "p2", "q")] == ["waiting"] * 3
+    assert snap.head_waiting_id == "p2" and snap.head_waiting_blocks == 3
+    assert snap.waiting_demand_blocks == 5 + 3 + 3 and snap.num_waiting == 3
 
 
 def test_snapshot_marks_unmigratable_and_draining():
@@ -106,6 +129,25 @@ def test_round_plans_drain_and_a_refused_plan_leaves_the_request_alone():
     assert migrated == [("r", "i1")]
     assert reasons == {}                            # refused: nothing recorded
     assert not history.cooling("r", 0.0, 10.0)
+
+
+def test_a_redispatched_queued_request_moves_without_precopy():
+    """A defrag plan for a queued (here preempted) request runs as a
+    recompute migration: it has no KV on its source to pre-copy."""
+    async def go():
+        c = FakeCluster()
+        c.add("i0", free=2, running=1, waiting=1)
+        c.add("i1", free=100)
+        c.instances["i0"].load["preempted"] = ["p#0"]
+        c.request("run", "i0", prompt=16 * 20, output=10)
+        c.request("p", "i0", prompt=16 * 8, output=20)
+        s = GlobalScheduler(c, SchedulerConfig(migration_policies=("defrag",)), FakeObserver())
+        plans = s.step()
+        await asyncio.sleep(0.05)
+        return plans, c.migrated, c.configs
+    plans, migrated, configs = asyncio.run(go())
+    assert [(p.request_id, p.destination, p.reason, p.waiting) for p in plans] == [("p", "i1", "defrag", True)]
+    assert migrated == [("p", "i1")] and configs[0].recompute
 
 
 def test_dispatch_prefers_the_freer_instance_and_spreads_ties():

@@ -53,6 +53,7 @@ async def _main(args: argparse.Namespace, engine_argv: list[str]) -> int:
     runtime = EngineRuntime(engine_args)
     agent = Agent(args.instance_id, runtime, notify, commands)
     notify.on("blocks", lambda msg: runtime.set_free_blocks(int(msg["free"])))
+    notify.on("preempted", lambda msg: runtime.set_preempted(list(msg["keys"])))
     agent.server.token = args.token
     stop = agent.shutdown_event
     loop = asyncio.get_running_loop()

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from llumigrate.control.server import DEFAULT_ADDRESS
 from llumigrate.errors import ConfigError
 from llumigrate.migration.protocol import MigrationConfig
-from llumigrate.scheduler import DISPATCH_POLICIES, MIGRATION_POLICIES, SchedulerConfig
+from llumigrate.scheduler import DEFAULT_INTERVAL_S, DISPATCH_POLICIES, MIGRATION_POLICIES, SchedulerConfig
 
 # On a CPU-only machine vLLM refuses to size its KV cache by itself.
 CPU_KV_CACHE_BYTES = 256 << 20
@@ -40,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dispatch-policy", default="least-load", choices=DISPATCH_POLICIES)
     p.add_argument("--migration-policies", default=",".join(MIGRATION_POLICIES),
                    help=f"comma-separated subset of {','.join(MIGRATION_POLICIES)} (empty: none)")
-    p.add_argument("--scheduler-interval", type=float, default=0.5, help="seconds between migration rounds")
+    p.add_argument("--scheduler-interval", type=float, default=DEFAULT_INTERVAL_S,
+                   help="seconds between migration rounds")
     p.add_argument("--precopy-stages", type=int, default=MigrationConfig.max_precopy_stages)
     p.add_argument("--no-failover", action="store_true", help="fail a lost instance's requests")
     p.add_argument("--kv-transport", default="auto", choices=["auto", "shm", "tcp"])

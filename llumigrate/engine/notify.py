@@ -11,6 +11,8 @@ depends on are pushed instead, the moment they happen:
 - `tracked`  (scheduler side): the scheduler will now hold these keys on abort.
 - `blocks`   (scheduler side): the block pool's free count changed (also
              while the engine is idle, when vLLM reports no stats).
+- `preempted` (scheduler side): the keys of the requests vLLM preempted and
+             has not resumed yet (queued again, holding no blocks), head first.
 
 Frames are a 4-byte big-endian length and a msgpack map (never pickle). The
 socket lives in a 0700 directory the agent created, so only its own user can

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from vllm import SamplingParams
@@ -55,6 +55,9 @@ class Load:
     kv_cache_usage: float = 0.0
     steps: int = 0
     num_preempted: int = 0       # requests vLLM preempted for lack of KV blocks, all time
+    # Requests (agent ids) preempted and not resumed yet: queued again, holding
+    # no blocks; the head of vLLM's queue first.
+    preempted: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -208,6 +211,11 @@ class EngineRuntime:
             s = self.load
             s.free_blocks = max(0, min(s.num_blocks, free))
             s.kv_cache_usage = 1.0 - s.free_blocks / s.num_blocks if s.num_blocks else 0.0
+
+    def set_preempted(self, keys: list[str]) -> None:
+        """The requests vLLM holds preempted (pushed by the connector)."""
+        with self._lock:
+            self.load.preempted = [str(k) for k in keys]
 
     def snapshot(self) -> Load:
         with self._lock:

@@ -4,7 +4,9 @@ It (1) turns a request's `LoadSpec` into an async KV load of the positions the
 destination does not already hold in its prefix cache, (2) streams every
 request's block table to the workers so their KV server can serve pulls of a
 running request, and (3) holds the blocks of a tracked request when it is
-stopped (stop-and-copy) until a worker reports the final pull done.
+stopped (stop-and-copy) until a worker reports the final pull done, and (4)
+tells the agent which requests vLLM preempted: they are queued again and hold
+no blocks, which the global scheduler must know to see a queue's real head.
 
 A stop is a request finishing at a step boundary: on the agent's `stop`
 command (`engine/commands.py`) a running tracked request is capped to end
@@ -61,6 +63,9 @@ class SchedulerSide:
         self._tracked: set[str] = set()          # keys held when stopped
         self._requests: dict[str, Any] = {}      # key -> vLLM request, live tagged ones
         self._caps: dict[str, tuple[int, int]] = {}  # key -> (output count it stops at, max_tokens)
+        # Keys of preempted requests, queued again without blocks: the most
+        # recently preempted first, as vLLM re-queues them at the head.
+        self._preempted: list[str] = []
         self._meta = SchedulerMeta()
         self._pool: Any = None
         self._reporter: threading.Thread | None = None
@@ -177,7 +182,20 @@ class SchedulerSide:
                 meta.generator_states[new_req.req_id] = tag.generator_state
         meta.tracked = frozenset(self._tracked)
         self._meta = SchedulerMeta()
+        self._note_preemptions(scheduler_output)
         return meta
+
+    def _note_preemptions(self, scheduler_output: Any) -> None:
+        """Update the preempted keys from one step's output (scheduled again:
+        no longer preempted; newly preempted: to the front) and push the list
+        to the agent when it changed."""
+        before = self._preempted
+        scheduled = {self._keys.get(req_id) for req_id, _, _ in yield_req_data(scheduler_output)}
+        fresh = [self._keys[r] for r in scheduler_output.preempted_req_ids or () if r in self._keys]
+        kept = [k for k in before if k not in scheduled and k not in fresh]
+        self._preempted = [k for k in fresh if k not in scheduled] + kept
+        if self._preempted != before:
+            self.notifier.send("preempted", "", keys=list(self._preempted))
 
     def update_connector_output(self, output: Any) -> None:
         wm = output.kv_connector_worker_meta
@@ -207,6 +225,9 @@ class SchedulerSide:
         stopped = key is not None and (is_aborted(request) or self._stopped_at_cap(key, request))
         if key is not None:
             self._caps.pop(key, None)
+            if key in self._preempted:
+                self._preempted = [k for k in self._preempted if k != key]
+                self.notifier.send("preempted", "", keys=list(self._preempted))
         if key is None or key not in self._tracked:
             return False, params
         self._tracked.discard(key)

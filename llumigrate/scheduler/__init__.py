@@ -9,7 +9,8 @@ policies of `policies/`). The shell that collects load reports and calls
 
 from __future__ import annotations
 
-from llumigrate.scheduler.config import DISPATCH_POLICIES, MIGRATION_POLICIES, SchedulerConfig
+from llumigrate.scheduler.config import (DEFAULT_INTERVAL_S, DISPATCH_POLICIES, MIGRATION_POLICIES,
+                                        SchedulerConfig)
 from llumigrate.scheduler.cost import MigrationCostModel
 from llumigrate.scheduler.dispatch import Dispatcher, make_dispatcher
 from llumigrate.scheduler.history import MigrationHistory, MigrationRecord
@@ -19,7 +20,8 @@ from llumigrate.scheduler.planner import plan_migrations
 from llumigrate.scheduler.snapshot import ClusterSnapshot, InstanceSnapshot, RequestSnapshot
 
 __all__ = [
-    "DISPATCH_POLICIES", "MIGRATION_POLICIES", "ClusterSnapshot", "Dispatcher", "InstanceSnapshot",
+    "DEFAULT_INTERVAL_S", "DISPATCH_POLICIES", "MIGRATION_POLICIES", "ClusterSnapshot", "Dispatcher",
+    "InstanceSnapshot",
     "MigrationCostModel", "MigrationHistory", "MigrationPlan", "MigrationRecord", "PlanContext",
     "RequestSnapshot", "SchedulerConfig", "apply_plan", "freeness", "make_dispatcher",
     "plan_migrations",

@@ -31,7 +31,7 @@ class MigrationPlan:
     priority: int = 0
     num_tokens: int = 0
     est_cost_s: float = 0.0
-    waiting: bool = False    # a queued request re-dispatched (no KV to move)
+    waiting: bool = False    # a queued (or preempted) request re-dispatched: no KV to move
 
 
 @dataclass(frozen=True)
@@ -73,13 +73,13 @@ def can_receive(inst: InstanceSnapshot, cfg: SchedulerConfig, now: float) -> boo
 def movable(req: RequestSnapshot, ctx: PlanContext, now: float, reason: Reason) -> bool:
     """Whether a policy may move `req` at all: running, migratable, not already
     migrating, not about to finish, and (except to drain) not cooling down. A
-    queued request that has not started is moved only by defrag (it goes
-    where it can start now: nothing to copy)."""
+    queued request (not started yet, or preempted: either way it holds no
+    blocks) is moved only by defrag: it goes where it can start now, and
+    there is nothing to copy."""
     if not req.migratable or req.migrating:
         return False
     if req.status == "waiting":
-        return reason == "defrag" and req.num_output_tokens == 0 \
-            and not ctx.history.cooling(req.request_id, now, ctx.cfg.cooldown_s)
+        return reason == "defrag" and not ctx.history.cooling(req.request_id, now, ctx.cfg.cooldown_s)
     if req.status != "running":
         return False
     remaining = req.remaining_tokens

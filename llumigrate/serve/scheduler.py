@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from llumigrate.controller.cluster import Cluster
 from llumigrate.errors import ConfigError, LlumigrateError
 from llumigrate.scheduler import (
+    DEFAULT_INTERVAL_S,
     MigrationCostModel,
     MigrationHistory,
     MigrationPlan,
@@ -38,7 +39,7 @@ TUNABLE = tuple(f.name for f in dataclasses.fields(SchedulerConfig)
 
 class GlobalScheduler:
     def __init__(self, cluster: Cluster, config: SchedulerConfig, observer: ServeObserver, *,
-                 interval_s: float = 0.5) -> None:
+                 interval_s: float = DEFAULT_INTERVAL_S) -> None:
         if not interval_s > 0:
             raise ConfigError(f"scheduler interval must be > 0, got {interval_s}")
         self.cluster, self.observer, self.interval_s = cluster, observer, interval_s
@@ -119,8 +120,13 @@ class GlobalScheduler:
         return plans
 
     async def _migrate(self, plan: MigrationPlan) -> None:
+        # A queued or preempted request holds no KV: no pre-copy to try, the
+        # destination computes its context (as its own instance would have).
+        # Should it resume on the source meanwhile, this stays exact: it
+        # costs a re-prefill there instead of a copy.
+        config = dataclasses.replace(self.cluster.migration_config, recompute=True) if plan.waiting else None
         try:
-            result = await self.cluster.migrate(plan.request_id, plan.destination)
+            result = await self.cluster.migrate(plan.request_id, plan.destination, config)
         except LlumigrateError as e:  # refused: the request stays where it is
             self.observer.reasons.pop(plan.request_id, None)
             logger.info("planned %s migration of %s refused: %s", plan.reason, plan.request_id, e)

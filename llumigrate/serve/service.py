@@ -25,7 +25,7 @@ from llumigrate.frontend.metrics import Metrics
 from llumigrate.frontend.server import bound_port, make_server
 from llumigrate.migration.protocol import MigrationConfig
 from llumigrate.netutil import is_loopback
-from llumigrate.scheduler import SchedulerConfig
+from llumigrate.scheduler import DEFAULT_INTERVAL_S, SchedulerConfig
 from llumigrate.serve.control_backend import ClusterControlBackend
 from llumigrate.serve.generate_backend import ClusterGenerateBackend
 from llumigrate.serve.observer import ServeObserver
@@ -48,7 +48,7 @@ class ServeConfig:
     token: str | None = None         # control API and agents; required off loopback
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     migration: MigrationConfig = field(default_factory=MigrationConfig)
-    interval_s: float = 0.5
+    interval_s: float = DEFAULT_INTERVAL_S
     failover: bool = True
     kv_transport: str = "auto"
     engine_spin_ms: float | None = None  # None: the agents' default (2 ms on CPU hosts)

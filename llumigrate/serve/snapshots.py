@@ -31,21 +31,26 @@ def request_snapshot(h: RequestHandle, waiting: bool) -> RequestSnapshot:
 def instance_snapshot(inst: Instance, handles: list[RequestHandle]) -> InstanceSnapshot:
     load = inst.load or {}
     bs = int(inst.info.get("block_size") or DEFAULT_BLOCK_SIZE)
-    # Not started yet: dispatched after the last report (the engine could not
-    # know them), or among the engine's reported waiting queue (oldest first).
-    fresh = [h for h in handles if not h.output_token_ids and h.arrival > inst.reported_at]
-    queued = sorted((h for h in handles if not h.output_token_ids and h not in fresh),
-                    key=lambda h: h.arrival)[: int(load.get("num_waiting", 0))]
-    waiting_ids = {id(h) for h in fresh + queued}
+    # vLLM's queue, head first: the requests it preempted (re-queued at the
+    # head, holding no blocks; the engine lists them), then those not started
+    # yet, oldest first: among the engine's reported waiting count, or
+    # dispatched after the last report (the engine could not count them).
+    order = {rid: n for n, rid in enumerate(load.get("preempted") or ())}
+    preempted = sorted((h for h in handles if h.engine_rid in order), key=lambda h: order[h.engine_rid])
+    rest = [h for h in handles if h.engine_rid not in order and not h.output_token_ids]
+    fresh = [h for h in rest if h.arrival > inst.reported_at]
+    num_waiting = int(load.get("num_waiting", 0))
+    queued = sorted((h for h in rest if h.arrival <= inst.reported_at),
+                    key=lambda h: h.arrival)[: max(0, num_waiting - len(preempted))]
+    queue = preempted + sorted(queued + fresh, key=lambda h: h.arrival)
+    waiting_ids = {id(h) for h in queue}
     reqs = tuple(request_snapshot(h, id(h) in waiting_ids) for h in handles)
-    waiting = sorted((r for r, h in zip(reqs, handles) if id(h) in waiting_ids),
-                     key=lambda r: r.request_id)
-    demand = sum(r.blocks(bs) for r in waiting)
-    head = min(fresh + queued, key=lambda h: h.arrival, default=None)
+    demand = sum(r.blocks(bs) for r, h in zip(reqs, handles) if id(h) in waiting_ids)
+    head = queue[0] if queue else None
     num_blocks = int(load.get("num_blocks", 0))
     return InstanceSnapshot(
         inst.instance_id, num_blocks, min(num_blocks, int(load.get("free_blocks", 0))), bs,
-        int(load.get("num_running", 0)), int(load.get("num_waiting", 0)) + len(fresh), demand,
+        int(load.get("num_running", 0)), num_waiting + len(fresh), demand,
         request_snapshot(head, True).blocks(bs) if head else 0, inst.draining, inst.up,
         inst.migrations_in, inst.migrations_out, reqs, inst.reported_at,
         head.request_id if head else None)
