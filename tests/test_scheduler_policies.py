@@ -188,6 +188,23 @@ def test_defrag_redispatches_a_preempted_head():
     assert moves(plans) == [("p", "i0", "i1")] and plans[0].waiting
 
 
+def test_defrag_redispatches_only_where_the_running_requests_keep_growth_room():
+    """i1 has the blocks to start the head, but its running request and the
+    head would outgrow them within the growth horizon: vLLM would have to
+    preempt there, so the head stays queued, unless the horizon is shorter
+    or the requests end sooner."""
+    head = make_request("h", prompt=10 * 16, output=0, status="waiting", max_tokens=200)
+    i0 = replace(blocked(head, head=10, free=4), head_waiting_id="h")
+    runner = make_request("r", prompt=10 * 16, output=0, max_tokens=200)
+    i1 = make_instance("i1", runner, num_blocks=40, free=30, num_running=1)
+    # Started, h takes 10 of the 30 free blocks; 200 more tokens each take 2 x 13.
+    assert defrag(make_cluster(i0, i1), ctx(**WIDE)) == []
+    assert moves(defrag(make_cluster(i0, i1), ctx(growth_horizon_tokens=64, **WIDE))) == [("h", "i0", "i1")]
+    i0_short = replace(i0, requests=(replace(i0.requests[0], max_tokens=16),))
+    i1_short = replace(i1, requests=(replace(i1.requests[0], max_tokens=16),))
+    assert moves(defrag(make_cluster(i0_short, i1_short), ctx(**WIDE))) == [("h", "i0", "i1")]
+
+
 def test_defrag_does_not_redispatch_into_a_queue_or_twice_in_a_row():
     head = _queued("h", 12)
     i0 = replace(blocked(head, head=12, free=4), head_waiting_id="h")

@@ -19,7 +19,7 @@ request may use it.
 from __future__ import annotations
 
 from llumigrate.scheduler.config import SchedulerConfig
-from llumigrate.scheduler.snapshot import InstanceSnapshot, RequestSnapshot
+from llumigrate.scheduler.snapshot import InstanceSnapshot, RequestSnapshot, blocks_for
 
 
 def hosts_high_priority(inst: InstanceSnapshot, cfg: SchedulerConfig) -> bool:
@@ -50,6 +50,19 @@ def accepts_work(inst: InstanceSnapshot, cfg: SchedulerConfig, now: float) -> bo
     if not inst.up or inst.draining:
         return False
     return cfg.stale_report_s is None or now - inst.reported_at <= cfg.stale_report_s
+
+
+def growth_blocks(inst: InstanceSnapshot, horizon_tokens: int) -> int:
+    """Blocks the running requests listed on `inst` take on as each generates
+    its next `horizon_tokens` tokens (fewer where it ends sooner): what vLLM,
+    which admits a request on its prompt's blocks alone, will need before it
+    must preempt one of them."""
+    total = 0
+    for r in inst.running:
+        remaining = r.remaining_tokens
+        n = horizon_tokens if remaining is None else min(remaining, horizon_tokens)
+        total += blocks_for(r.num_tokens + n, inst.block_size) - r.blocks(inst.block_size)
+    return total
 
 
 def fits(req: RequestSnapshot, inst: InstanceSnapshot) -> bool:

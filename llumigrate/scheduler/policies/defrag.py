@@ -3,9 +3,12 @@
 vLLM's blocks need not be contiguous, so fragmentation here is across
 instances: the request at the head of an instance's queue needs B blocks and
 its instance has fewer free, while other instances have room. If another
-instance can start it now (room beyond its own queue and headroom, and no
-queue of its own), the head itself moves there: it has no KV yet, so this
-costs a re-dispatch, not a copy. Otherwise running requests move off its
+instance can start it now and keep it running (room beyond its own queue and
+headroom for the head and for the growth of what runs there, see
+`load.growth_blocks`, and no queue of its own), the head itself moves there:
+it holds no KV (not started, or preempted), so this costs a re-dispatch, not
+a copy. Without the growth room the move only trades this queue for
+preemptions there. Otherwise running requests move off its
 instance (low priority first, on measured cost: `common.pick`) to instances
 that keep room for their own queue and headroom, until B blocks are free
 there. Nothing is planned when the moves could not free enough.
@@ -13,7 +16,7 @@ there. Nothing is planned when the moves could not free enough.
 
 from __future__ import annotations
 
-from llumigrate.scheduler.load import spare_blocks
+from llumigrate.scheduler.load import growth_blocks, spare_blocks
 from llumigrate.scheduler.plan import MigrationPlan, PlanContext, apply_plan, movable
 from llumigrate.scheduler.policies.common import best_destination, make_room
 from llumigrate.scheduler.snapshot import ClusterSnapshot, InstanceSnapshot, RequestSnapshot
@@ -44,5 +47,6 @@ def _starts_now(snapshot: ClusterSnapshot, head: RequestSnapshot, ctx: PlanConte
         return None
 
     def check(after: InstanceSnapshot) -> bool:
-        return after.waiting_demand_blocks == 0 and spare_blocks(after, ctx.cfg, head.priority) >= 0
+        growth = growth_blocks(after, ctx.cfg.growth_horizon_tokens)
+        return after.waiting_demand_blocks == 0 and spare_blocks(after, ctx.cfg, head.priority) >= growth
     return best_destination(snapshot, head, ctx, "defrag", check)
