@@ -53,6 +53,7 @@ from common import (
     free_port,
     latency_stats,
     llumigrate_cmd,
+    percentile,
     preemption_probe_env,
     ratio,
     stream_completion,
@@ -239,6 +240,28 @@ def pooled(runs: list[dict]) -> dict:
                                      for k in sorted({k for run in runs for k in run["migrations_by_reason"]})}}
 
 
+def ratio_interval(runs: list[dict], q: float = 99, samples: int = 2000, seed: int = 0,
+                   num: str = "migration", den: str = "no_migration") -> list[float] | None:
+    """95% bootstrap interval of the pooled p`q` TTFT ratio `num`/`den`. Rounds
+    are resampled (a round's drift of the shared machine hits both
+    configurations of it), then the requests within each resampled run; the
+    spread says how much of a measured ratio the noise alone could give."""
+    rounds: dict[str, dict[str, list[float]]] = {}
+    for run in runs:
+        rounds.setdefault(run["label"], {})[run["config"]] = [r.ttft for r in run["results"]
+                                                              if r.error is None and r.ttft is not None]
+    paired = [r for r in rounds.values() if r.get(num) and r.get(den)]
+    if not paired:
+        return None
+    rng, out = random.Random(seed), []
+    for _ in range(samples):
+        pick = [rng.choice(paired) for _ in paired]
+        a = [x for r in pick for x in rng.choices(r[num], k=len(r[num]))]
+        b = [x for r in pick for x in rng.choices(r[den], k=len(r[den]))]
+        out.append(percentile(a, q) / percentile(b, q))
+    return [round(percentile(out, 2.5), 3), round(percentile(out, 97.5), 3)]
+
+
 def summarize(per_config: dict[str, dict], runs: list[dict] | None = None) -> dict:
     m, n, rr = per_config["migration"], per_config["no_migration"], per_config["round_robin"]
     # Each round's own p99 TTFT ratio: the spread shows how much of a pooled
@@ -258,6 +281,8 @@ def summarize(per_config: dict[str, dict], runs: list[dict] | None = None) -> di
         "p99_ttft_ratio_migration_vs_none_per_round": [
             ratio(r["migration"], r["no_migration"]) for r in per_round.values()
             if "migration" in r and "no_migration" in r],
+        "p99_ttft_ratio_migration_vs_none_95ci": ratio_interval(runs or []),
+        "p50_ttft_ratio_migration_vs_none": ratio(m["p50_ttft_ms"], n["p50_ttft_ms"]),
     }
 
 
@@ -379,8 +404,10 @@ def main() -> None:
                      "runs": [{k: v for k, v in r.items() if k != "results"} | latency_stats(r["results"])
                               for r in runs]})
     plot(per_config, runs, out.with_suffix(".png"))
+    ci = summary["p99_ttft_ratio_migration_vs_none_95ci"]
     print(f"bench_serving: p99 TTFT migration/none {fmt(summary['p99_ttft_ratio_migration_vs_none'])} "
-          f"(target <= 0.5), throughput migration/none {fmt(summary['throughput_ratio_migration_vs_none'])} "
+          f"(target <= 0.5; 95% interval {ci}), "
+          f"throughput migration/none {fmt(summary['throughput_ratio_migration_vs_none'])} "
           f"(target >= 1.0), preemptions {summary['preemptions']}, migrations {summary['migrations']} "
           f"-> {out}")
 
