@@ -191,7 +191,10 @@ class SchedulerSide:
         to the agent when it changed."""
         before = self._preempted
         scheduled = {self._keys.get(req_id) for req_id, _, _ in yield_req_data(scheduler_output)}
-        fresh = [self._keys[r] for r in scheduler_output.preempted_req_ids or () if r in self._keys]
+        # NOTE: a field of vLLM's SchedulerOutput (0.32); read leniently so
+        # that a vLLM without it only loses this report.
+        preempted = getattr(scheduler_output, "preempted_req_ids", None) or ()
+        fresh = [self._keys[r] for r in preempted if r in self._keys]
         kept = [k for k in before if k not in scheduled and k not in fresh]
         self._preempted = [k for k in fresh if k not in scheduled] + kept
         if self._preempted != before:

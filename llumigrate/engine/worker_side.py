@@ -1,10 +1,11 @@
 """Worker half of the llumigrate KV connector (runs in each vLLM worker).
 
 Owns this engine's KV server (serves pulls of running and held requests from
-the block tables the scheduler half streams over) and a KV client (runs the
-loads the scheduler half plans, on a background thread, straight into the
-blocks vLLM allocated). All tables are shared between the engine thread
-(`bind`, `get_finished`, RPCs) and transfer threads, under `self._lock`.
+the block tables the scheduler half streams over, and holds stopped requests'
+blocks until their final pull) and a KV client, through which `kv_loads.
+LoadRunner` runs the loads the scheduler half plans. The tables are shared
+between the engine thread (`bind`, `get_finished`, RPCs) and the KV server's
+threads, under `self._lock`.
 """
 
 from __future__ import annotations
@@ -13,17 +14,17 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from llumigrate.engine.meta import HeldRequest, LoadJob, SchedulerMeta, WorkerMeta
+from llumigrate.engine.kv_loads import LoadRunner
+from llumigrate.engine.meta import HeldRequest, SchedulerMeta, WorkerMeta
 from llumigrate.engine.notify import Notifier
 from llumigrate.engine.params import SealedRequest
 from llumigrate.engine.sampler_state import SamplerStates, install_sampler_state
-from llumigrate.errors import TransferError, TransferRefused
+from llumigrate.errors import TransferRefused
 from llumigrate.transfer import Grant, KVClient, KVServer, PullRequest
 from llumigrate.transfer.connection import InjectedFault
 
@@ -50,11 +51,9 @@ class WorkerSide:
         self.token = extra.get("kv_token")
         self.transport = str(extra.get("kv_transport", "auto"))
         self.hold_lease_s = float(extra.get("hold_lease_s", 120.0))
-        self.load_timeout_s = float(extra.get("load_timeout_s", 30.0))
         self.model_runner: Any = None
         self.notifier = Notifier(extra.get("notify_path"))
-        self._sync_jobs: list[LoadJob] = []
-        self._load_error_blocks: set[int] = set()
+        self.loads = LoadRunner(float(extra.get("load_timeout_s", 30.0)))
         self._lock = threading.Condition()
         self._entries: dict[str, _Entry] = {}        # req_id -> live block table
         self._by_key: dict[str, str] = {}            # key -> req_id
@@ -70,13 +69,10 @@ class WorkerSide:
         self._sampler = SamplerStates()
         self._released: set[str] = set()             # req_ids to report finished_sending
         self._release_pending: dict[str, float] = {}  # key -> until: release when held arrives
-        self._loads_done: set[str] = set()
-        self._loads_failed: set[str] = set()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llumigrate-load")
         self.server: KVServer | None = None
         self.client: KVClient | None = None
         self.layers: list[torch.Tensor] = []
-        self.stats = {"pulls_served": 0, "loads": 0, "loads_failed": 0, "blocks_loaded": 0}
+        self.stats = {"pulls_served": 0}
 
     # -- setup -------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -84,7 +80,7 @@ class WorkerSide:
         self.server = KVServer(self.layers, self._provide, host=self.host, token=self.token,
                                on_complete=self._on_pull_complete)
         self.server.start()
-        self.client = KVClient(self.layers, token=self.token, transport=self.transport)
+        self.client = self.loads.client = KVClient(self.layers, token=self.token, transport=self.transport)
 
     def info(self) -> dict:
         assert self.server is not None, "KV caches not registered yet"
@@ -127,23 +123,16 @@ class WorkerSide:
         for req_id, state in meta.generator_states.items():
             install_sampler_state(self.model_runner, req_id, state)
         for job in meta.loads:
-            if job.sync:
-                self._sync_jobs.append(job)
-            else:
-                self._pool.submit(self._run_load, job)
+            self.loads.submit(job)
 
     def run_sync_loads(self) -> None:
         """Run this step's synchronous loads (small final tails) before the
         forward that needs them. A failed one marks its blocks as load errors,
         which vLLM turns into a failed request (policy `fail`)."""
-        jobs, self._sync_jobs = self._sync_jobs, []
-        for job in jobs:
-            if not self._load(job):
-                self._load_error_blocks.update(job.dest_block_ids)
+        self.loads.run_sync()
 
     def take_load_error_blocks(self) -> set[int]:
-        errors, self._load_error_blocks = self._load_error_blocks, set()
-        return errors
+        return self.loads.take_error_blocks()
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str], set[str]]:
         """(finished sending, finished receiving, failed receiving)."""
@@ -164,8 +153,7 @@ class WorkerSide:
                     logger.warning("hold on %s expired; releasing its blocks", key)
                     self._release_locked(key)
             sending, self._released = self._released, set()
-            recving, self._loads_done = self._loads_done, set()
-            failed, self._loads_failed = self._loads_failed, set()
+        recving, failed = self.loads.take_finished()
         return sending, recving | failed, failed
 
     def build_worker_meta(self) -> WorkerMeta | None:
@@ -227,7 +215,7 @@ class WorkerSide:
     def status(self) -> dict:
         with self._lock:
             return {"held": sorted(self._held), "tracked": sorted(self._tracked),
-                    "entries": len(self._entries), **self.stats,
+                    "entries": len(self._entries), **self.stats, **self.loads.stats(),
                     "faults_fired": self.client.faults_fired if self.client else 0}
 
     def inject_fault(self, kind: str, seconds: float = 0.0) -> bool:
@@ -265,37 +253,6 @@ class WorkerSide:
             with self._lock:
                 self._release_locked(pull.key)
 
-    # -- loads (background thread) ---------------------------------------------
-    def _run_load(self, job: LoadJob) -> None:
-        ok = self._load(job)
-        with self._lock:
-            if ok:
-                self._loads_done.add(job.req_id)
-            else:
-                self._loads_failed.add(job.req_id)
-
-    def _load(self, job: LoadJob) -> bool:
-        """Pull one job's blocks into this engine's blocks; False on failure."""
-        ok = False
-        try:
-            assert self.client is not None
-            spec = job.spec
-            pull = PullRequest(spec.src_key, job.start_block, len(job.dest_block_ids),
-                               final=spec.final, timeout_s=self.load_timeout_s)
-            self.client.pull((spec.host, spec.port), pull, job.dest_block_ids)
-            ok = True
-        except (TransferError, OSError) as e:
-            logger.warning("KV load for %s from %s failed: %s", job.req_id, job.spec.src_key, e)
-        except Exception:  # never let a load thread die silently
-            logger.exception("KV load for %s crashed", job.req_id)
-        with self._lock:
-            self.stats["loads"] += 1
-            if ok:
-                self.stats["blocks_loaded"] += len(job.dest_block_ids)
-            else:
-                self.stats["loads_failed"] += 1
-        return ok
-
     # -- sampler state -----------------------------------------------------------
     def _snapshot_generators(self) -> None:
         """Snapshot each tracked seeded request's generator (before this step's forward)."""
@@ -330,7 +287,7 @@ class WorkerSide:
             self._new_untrack.add(key)
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.loads.shutdown()
         if self.client is not None:
             self.client.close()
         if self.server is not None:
