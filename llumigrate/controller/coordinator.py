@@ -15,7 +15,7 @@ from llumigrate.controller.instance import Instance
 from llumigrate.controller.request import RequestHandle
 from llumigrate.controller.rollback import RollbackSteps
 from llumigrate.engine.params import SealedRequest
-from llumigrate.errors import InstanceLost, LlumigrateError, MigrationAborted, MigrationRefused
+from llumigrate.errors import InstanceLost, LlumigrateError, MigrationAborted, MigrationRefused, RequestNotFound
 from llumigrate.migration.faults import FaultContext, FaultHook, FaultPoint
 from llumigrate.migration.protocol import Action, Migration, MigrationConfig, State
 
@@ -191,8 +191,17 @@ class Coordinator(RollbackSteps):
         self._mark("stop_sent")
         self._before_stop_at = req.last_token_at
         await self._inject(FaultPoint.STOP)
-        res = await self.src.call("stop", rpc_timeout=self.m.timeout_for() + 2, rid=self.old_rid,
-                                  timeout=self.m.timeout_for())
+        try:
+            res = await self.src.call("stop", rpc_timeout=self.m.timeout_for() + 2, rid=self.old_rid,
+                                      timeout=self.m.timeout_for())
+        except RequestNotFound:
+            # The source no longer has it: it finished there after the last
+            # check (its final output may still be on the way). Nothing was
+            # stopped or held, so there is nothing to roll back.
+            if await self._finished_soon():
+                self.m.on_finished_before_stop()
+                return
+            raise
         if "finished" in res:  # it finished on the source before the stop landed
             self.m.on_finished_before_stop()
             return

@@ -1,0 +1,45 @@
+"""The coordinator against fake agents (no engine): edge cases of its steps."""
+
+from __future__ import annotations
+
+import asyncio
+
+from llumigrate.controller.coordinator import Coordinator
+from llumigrate.controller.request import RequestHandle
+from llumigrate.errors import RequestNotFound
+from llumigrate.migration.protocol import MigrationConfig
+
+
+class FakeAgent:
+    """Answers the coordinator's calls; `stop` refuses like an agent whose
+    request has already finished."""
+
+    def __init__(self, instance_id: str) -> None:
+        self.instance_id, self.block_size, self.kv_address = instance_id, 16, ("127.0.0.1", 1)
+        self.calls: list[str] = []
+
+    async def call(self, method: str, rpc_timeout: float | None = 60.0, **args):
+        self.calls.append(method)
+        if method == "info":
+            return {"load": {"free_blocks": 100}, "max_model_len": 4096}
+        if method == "stop":
+            raise RequestNotFound(f"no running request {args['rid']!r} on {self.instance_id}")
+        return True
+
+
+def test_a_request_that_finished_before_the_stop_ends_the_migration_without_rollback():
+    """A queued request re-dispatched with nothing to pre-copy goes straight
+    to the stop; if it finished on the source meanwhile, the source refuses
+    the stop. That is the request's end, not a failure: no resume, no
+    failover replay, no hop on the destination."""
+    async def go():
+        h = RequestHandle("r", list(range(40)), {"max_tokens": 8}, 0, "i0")
+        src, dst = FakeAgent("i0"), FakeAgent("i1")
+        hops: list[str] = []
+        coord = Coordinator(h, src, dst, MigrationConfig(recompute=True),
+                            on_hop=lambda req, inst, hop: hops.append(inst.instance_id))
+        asyncio.get_running_loop().call_later(0.05, h.finish, "length")
+        return await coord.run(), src.calls, dst.calls, hops
+    result, src_calls, dst_calls, hops = asyncio.run(go())
+    assert result.state == "aborted" and "finished on the source" in result.reason
+    assert src_calls == ["track", "stop"] and dst_calls == ["info"] and hops == []
