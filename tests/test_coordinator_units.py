@@ -29,9 +29,10 @@ class FakeAgent:
 
 def test_a_request_that_finished_before_the_stop_ends_the_migration_without_rollback():
     """A queued request re-dispatched with nothing to pre-copy goes straight
-    to the stop; if it finished on the source meanwhile, the source refuses
-    the stop. That is the request's end, not a failure: no resume, no
-    failover replay, no hop on the destination."""
+    to the stop; if it finished (or the client aborted it) on the source
+    meanwhile, the source refuses the stop. That is the request's end, not a
+    failure: no resume, no failover replay, no hop on the destination; the
+    source is untracked and any hold of an aborted request released."""
     async def go():
         h = RequestHandle("r", list(range(40)), {"max_tokens": 8}, 0, "i0")
         src, dst = FakeAgent("i0"), FakeAgent("i1")
@@ -42,4 +43,4 @@ def test_a_request_that_finished_before_the_stop_ends_the_migration_without_roll
         return await coord.run(), src.calls, dst.calls, hops
     result, src_calls, dst_calls, hops = asyncio.run(go())
     assert result.state == "aborted" and "finished on the source" in result.reason
-    assert src_calls == ["track", "stop"] and dst_calls == ["info"] and hops == []
+    assert src_calls == ["track", "stop", "untrack", "release"] and dst_calls == ["info"] and hops == []

@@ -196,9 +196,11 @@ class Coordinator(RollbackSteps):
                                       timeout=self.m.timeout_for())
         except RequestNotFound:
             # The source no longer has it: it finished there after the last
-            # check (its final output may still be on the way). Nothing was
-            # stopped or held, so there is nothing to roll back.
+            # check, or the client aborted it (its final output may still be
+            # on the way). Nothing was stopped, so nothing is resumed; an
+            # aborted tracked request is held by its engine: free that.
             if await self._finished_soon():
+                await self._untrack_source()
                 self.m.on_finished_before_stop()
                 return
             raise

@@ -35,12 +35,7 @@ class RollbackSteps:
 
     async def _rollback(self, action: Action) -> None:
         if action is Action.CANCEL:
-            # Untrack, and free a hold if the request was aborted meanwhile.
-            for verb in ("untrack", "release"):
-                try:
-                    await self.src.call(verb, rpc_timeout=5, rid=self.old_rid)
-                except Exception as e:  # the source may be the thing that failed
-                    logger.info("%s after abort failed: %s", verb, e)
+            await self._untrack_source()
             return
         if action is not Action.RESUME_SOURCE:
             return
@@ -75,6 +70,15 @@ class RollbackSteps:
             except Exception:
                 pass
         self.m.on_resumed()
+
+    async def _untrack_source(self) -> None:
+        """Untrack the request on the source, and free the hold its engine
+        made if the request was aborted (a client abort) meanwhile."""
+        for verb in ("untrack", "release"):
+            try:
+                await self.src.call(verb, rpc_timeout=5, rid=self.old_rid)
+            except Exception as e:  # the source may be the thing that failed
+                logger.info("%s after abort failed: %s", verb, e)
 
     async def _replay_elsewhere(self, error: Exception) -> bool:
         """The stopped request cannot resume from its held blocks: its source
