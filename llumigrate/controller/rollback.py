@@ -78,7 +78,7 @@ class RollbackSteps:
             try:
                 await self.src.call(verb, rpc_timeout=5, rid=self.old_rid)
             except Exception as e:  # the source may be the thing that failed
-                logger.info("%s after abort failed: %s", verb, e)
+                logger.info("%s of %s on the source failed: %s", verb, self.old_rid, e)
 
     async def _replay_elsewhere(self, error: Exception) -> bool:
         """The stopped request cannot resume from its held blocks: its source

@@ -189,16 +189,19 @@ class SchedulerSide:
         """Update the preempted keys from one step's output (scheduled again:
         no longer preempted; newly preempted: to the front) and push the list
         to the agent when it changed."""
-        before = self._preempted
         scheduled = {self._keys.get(req_id) for req_id, _, _ in yield_req_data(scheduler_output)}
         # NOTE: a field of vLLM's SchedulerOutput (0.32); read leniently so
         # that a vLLM without it only loses this report.
         preempted = getattr(scheduler_output, "preempted_req_ids", None) or ()
         fresh = [self._keys[r] for r in preempted if r in self._keys]
-        kept = [k for k in before if k not in scheduled and k not in fresh]
-        self._preempted = [k for k in fresh if k not in scheduled] + kept
-        if self._preempted != before:
-            self.notifier.send("preempted", "", keys=list(self._preempted))
+        kept = [k for k in self._preempted if k not in scheduled and k not in fresh]
+        self._set_preempted([k for k in fresh if k not in scheduled] + kept)
+
+    def _set_preempted(self, keys: list[str]) -> None:
+        """Replace the preempted keys; tell the agent when they changed."""
+        if keys != self._preempted:
+            self._preempted = keys
+            self.notifier.send("preempted", "", keys=list(keys))
 
     def update_connector_output(self, output: Any) -> None:
         wm = output.kv_connector_worker_meta
@@ -228,9 +231,7 @@ class SchedulerSide:
         stopped = key is not None and (is_aborted(request) or self._stopped_at_cap(key, request))
         if key is not None:
             self._caps.pop(key, None)
-            if key in self._preempted:
-                self._preempted = [k for k in self._preempted if k != key]
-                self.notifier.send("preempted", "", keys=list(self._preempted))
+            self._set_preempted([k for k in self._preempted if k != key])
         if key is None or key not in self._tracked:
             return False, params
         self._tracked.discard(key)
