@@ -120,3 +120,38 @@ def test_rollback_resume_keeps_tokens_the_client_has_beyond_the_seal():
     gen = [a for m, a in src.calls if m == "generate"][0]
     assert gen["prompt_token_ids"] == [1, 2, 3, 10, 11] and gen["sampling"]["max_tokens"] == 6
     assert h.output_token_ids == [10, 11, 12, 13, 14] and h.replay_expected == []
+
+
+def test_an_instance_lost_during_submit_leaves_the_request_to_the_submitter():
+    """The instance dies while its generate call is in flight: the call fails
+    and the caller may submit again (the stress runner does). Failover must
+    not also take over the first handle: one request id finished twice (a
+    CI stress violation). A call that succeeded before the loss is failed
+    over once the call returns."""
+    class Dying(FakeInstance):
+        def __init__(self, instance_id: str, cluster: Cluster, fail_call: bool) -> None:
+            super().__init__(instance_id, True)
+            self.cluster, self.fail_call = cluster, fail_call
+
+        async def call(self, method: str, rpc_timeout: float | None = 60.0, **args):
+            if method == "generate" and self.up:
+                self.cluster._on_lost(self, "connection lost")
+                if self.fail_call:
+                    raise InstanceLost("connection lost before generate")
+            return await super().call(method, rpc_timeout, **args)
+
+    async def go(fail_call: bool):
+        c = Cluster("unused-model", 0)
+        failovers: list[str] = []
+        c.listener.on_failover = lambda h, src, dst: failovers.append(dst)
+        c.instances = {"i0": Dying("i0", c, fail_call), "i1": FakeInstance("i1", True)}
+        try:
+            h = await c.submit([1, 2, 3], {"max_tokens": 4}, instance="i0", request_id="r")
+        except InstanceLost:
+            h = None
+        await asyncio.sleep(0.05)
+        return h, failovers, dict(c.requests)
+    h, failovers, requests = asyncio.run(go(fail_call=True))
+    assert h is None and failovers == [] and requests == {}
+    h, failovers, requests = asyncio.run(go(fail_call=False))
+    assert h is not None and failovers == ["i1"] and h.instance_id == "i1" and requests == {"r": h}

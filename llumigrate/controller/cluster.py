@@ -83,6 +83,7 @@ class Cluster(FailoverSteps):
         self.instances: dict[str, Instance] = {}
         self.requests: dict[str, RequestHandle] = {}
         self._routes: dict[str, RequestHandle] = {}   # engine rid -> handle
+        self._submitting: set[str] = set()   # request ids whose generate call is in flight
         self._hop_tokens: dict[str, int] = {}         # request id -> tokens of its current hop
         self._ids = itertools.count()
         self.migrations: list[MigrationResult] = []
@@ -158,6 +159,11 @@ class Cluster(FailoverSteps):
                           inst.instance_id, on_finish=lambda h: self._notify("on_finished", h))
         self.requests[rid] = h
         self._routes[h.engine_rid] = h
+        # NOTE: an instance lost while the call is in flight leaves this
+        # request to us: a failed call drops it (the caller may submit it
+        # again), a successful one hands it to failover below. Failing it
+        # over from `_on_lost` as well made two requests of one id.
+        self._submitting.add(rid)
         try:
             await inst.call("generate", rid=h.engine_rid, prompt_token_ids=h.prompt_token_ids,
                             sampling=h.sampling, priority=priority)
@@ -165,7 +171,11 @@ class Cluster(FailoverSteps):
             self.requests.pop(rid, None)
             self._routes.pop(h.engine_rid, None)
             raise
+        finally:
+            self._submitting.discard(rid)
         self._notify("on_dispatch", h, inst.instance_id)
+        if not inst.up and not h.finished:
+            self._lost_request(h, f"instance {inst.instance_id} lost")
         return h
 
     async def abort(self, request_id: str) -> None:
@@ -276,7 +286,8 @@ class Cluster(FailoverSteps):
         logger.error("instance %s lost: %s", inst.instance_id, reason)
         self._notify("on_instance_down", inst.instance_id, reason)
         for h in list(self.requests.values()):
-            if h.instance_id == inst.instance_id and not h.finished and not h.migrating:
+            if h.instance_id == inst.instance_id and not h.finished and not h.migrating \
+                    and h.request_id not in self._submitting:
                 self._lost_request(h, f"instance {inst.instance_id} lost")
 
     def _spawn(self, coro: Any) -> None:
