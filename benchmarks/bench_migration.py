@@ -26,11 +26,18 @@ from llumigrate.controller.cluster import Cluster
 from llumigrate.migration.protocol import MigrationConfig
 from llumigrate.model.tiny import TinyModelConfig, ensure_tiny_model
 
-MODES = {
-    "precopy": MigrationConfig(max_precopy_stages=3, stop_threshold_blocks=1),
-    "stop_and_copy": MigrationConfig(max_precopy_stages=0),
-    "recompute": MigrationConfig(recompute=True),
-}
+MODES = ("precopy", "precopy_unpaced", "stop_and_copy", "recompute")
+
+
+def mode_configs(rate_mib_s: float) -> dict[str, MigrationConfig]:
+    """Pre-copy paced at `rate_mib_s` and the same unpaced, side by side,
+    against a single stop-and-copy and recompute."""
+    return {
+        "precopy": MigrationConfig(max_precopy_stages=3, stop_threshold_blocks=1, precopy_rate_mib_s=rate_mib_s),
+        "precopy_unpaced": MigrationConfig(max_precopy_stages=3, stop_threshold_blocks=1, precopy_rate_mib_s=0),
+        "stop_and_copy": MigrationConfig(max_precopy_stages=0),
+        "recompute": MigrationConfig(recompute=True),
+    }
 
 
 def _median_gap(times: list[float], lo: float, hi: float) -> float | None:
@@ -39,14 +46,14 @@ def _median_gap(times: list[float], lo: float, hi: float) -> float | None:
     return statistics.median(gaps) if gaps else None
 
 
-async def _one(cluster: Cluster, ctx: int, mode: str, warm: int, salt: int) -> dict:
+async def _one(cluster: Cluster, ctx: int, mode: str, config: MigrationConfig, warm: int, salt: int) -> dict:
     # NOTE: every run needs its own prompt: a prompt seen before would hit the
     # destination's prefix cache and make copying (or recomputing) look free.
     prompt = [3 + (salt * 7919 + i * 31 + ctx) % 1900 for i in range(ctx)]
     h = await cluster.submit(prompt, {"temperature": 0.0, "ignore_eos": True, "max_tokens": warm + 40},
                              instance="i0")
     await h.wait_tokens(warm, 600)
-    r = await cluster.migrate(h.request_id, "i1", MODES[mode])
+    r = await cluster.migrate(h.request_id, "i1", config)
     await h.wait_tokens(warm + 8, 600)
     await cluster.abort(h.request_id)
     await h.wait(120)
@@ -69,12 +76,13 @@ async def _bench(args: argparse.Namespace) -> dict:
               "--kv-cache-memory-bytes", str(args.kv_mib << 20), "--max-model-len", str(max(args.contexts) + 256),
               "--max-num-batched-tokens", "2048"]
     rows = []
+    configs = mode_configs(args.precopy_rate_mib_s)
     async with Cluster(model, 2, engine) as cluster:
-        total = len(args.contexts) * len(MODES) * args.repeats
+        total = len(args.contexts) * len(args.modes) * args.repeats
         for ctx in args.contexts:
-            for mode in MODES:
+            for mode in args.modes:
                 for rep in range(args.repeats):
-                    row = await _one(cluster, ctx, mode, args.warm_tokens, len(rows))
+                    row = await _one(cluster, ctx, mode, configs[mode], args.warm_tokens, len(rows))
                     rows.append(row)
                     print(f"[{len(rows)}/{total}] ctx={ctx} {mode}: {row['state']} downtime "
                           f"{row['downtime_ms']:.1f} ms total {row['total_ms']:.0f} ms "
@@ -82,7 +90,7 @@ async def _bench(args: argparse.Namespace) -> dict:
     return {"config": vars(args), "results": rows}
 
 
-def _summary(rows: list[dict], contexts: list[int]) -> dict:
+def _summary(rows: list[dict], contexts: list[int], rate_mib_s: float) -> dict:
     def dt(ctx: int, mode: str) -> float:
         xs = [r["downtime_ms"] for r in rows if r["context"] == ctx and r["mode"] == mode
               and r["state"] == "done"]
@@ -91,14 +99,19 @@ def _summary(rows: list[dict], contexts: list[int]) -> dict:
         xs = [r["step_ms_before"] for r in rows if r["context"] == ctx and r["mode"] == "precopy"
               and r["step_ms_before"]]
         return statistics.median(xs) if xs else float("nan")
+    def slowdown(mode: str) -> float | None:
+        xs = [r["step_ms_during_precopy"] / r["step_ms_before"] for r in rows
+              if r["mode"] == mode and r["step_ms_during_precopy"] and r["step_ms_before"]]
+        return statistics.median(xs) if xs else None
     lo, hi = min(contexts), max(contexts)
-    slow = [r["step_ms_during_precopy"] / r["step_ms_before"] for r in rows
-            if r["mode"] == "precopy" and r["step_ms_during_precopy"] and r["step_ms_before"]]
     return {
         f"downtime_ratio_{hi // 1024}k_vs_{lo}": dt(hi, "precopy") / dt(lo, "precopy"),
         f"downtime_vs_stop_and_copy_{hi // 1024}k": dt(hi, "precopy") / dt(hi, "stop_and_copy"),
         f"downtime_vs_recompute_{hi // 1024}k": dt(hi, "precopy") / dt(hi, "recompute"),
-        "source_step_slowdown_during_precopy": statistics.median(slow) if slow else None,
+        "source_step_slowdown_during_precopy": slowdown("precopy"),
+        "source_step_slowdown_during_unpaced_precopy": slowdown("precopy_unpaced"),
+        "precopy_rate_mib_s": rate_mib_s,
+        f"downtime_unpaced_vs_paced_{hi // 1024}k": dt(hi, "precopy_unpaced") / dt(hi, "precopy"),
         # The pause in engine steps of the request's own context (median
         # downtime over the median step time before the migration): what stays
         # flat when a longer context makes every step slower.
@@ -110,9 +123,7 @@ def _summary(rows: list[dict], contexts: list[int]) -> dict:
         "downtime_excess_ms_precopy": {c: dt(c, "precopy") - step(c) for c in contexts},
         f"downtime_excess_ratio_{hi // 1024}k_vs_{lo}":
             (dt(hi, "precopy") - step(hi)) / (dt(lo, "precopy") - step(lo)),
-        "downtime_ms_precopy": {c: dt(c, "precopy") for c in contexts},
-        "downtime_ms_stop_and_copy": {c: dt(c, "stop_and_copy") for c in contexts},
-        "downtime_ms_recompute": {c: dt(c, "recompute") for c in contexts},
+        **{f"downtime_ms_{mode}": {c: dt(c, mode) for c in contexts} for mode in MODES},
     }
 
 
@@ -147,10 +158,13 @@ def main() -> int:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--kv-mib", type=int, default=1536)
+    p.add_argument("--precopy-rate-mib-s", type=float, default=MigrationConfig.precopy_rate_mib_s,
+                   help="pace of the 'precopy' mode ('precopy_unpaced' runs beside it)")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     args = p.parse_args()
     t0 = time.monotonic()
     out = asyncio.run(_bench(args))
-    out["summary"] = _summary(out["results"], args.contexts)
+    out["summary"] = _summary(out["results"], args.contexts, args.precopy_rate_mib_s)
     out["wall_s"] = time.monotonic() - t0
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -44,3 +44,38 @@ def test_a_request_that_finished_before_the_stop_ends_the_migration_without_roll
     result, src_calls, dst_calls, hops = asyncio.run(go())
     assert result.state == "aborted" and "finished on the source" in result.reason
     assert src_calls == ["track", "stop", "untrack", "release"] and dst_calls == ["info"] and hops == []
+
+
+class RecordingAgent(FakeAgent):
+    """Also answers pre-copy stages, and keeps every call's arguments."""
+
+    block_bytes = 4 << 20
+
+    def __init__(self, instance_id: str) -> None:
+        super().__init__(instance_id)
+        self.args: list[tuple[str, dict]] = []
+
+    async def call(self, method: str, rpc_timeout: float | None = 60.0, **args):
+        self.args.append((method, {**args, "rpc_timeout": rpc_timeout}))
+        if method == "precopy":
+            return {"loaded": args["load"]["num_tokens"], "hit": 0}
+        return await super().call(method, rpc_timeout, **args)
+
+
+def test_precopy_stages_are_paced_and_their_deadline_allows_for_it():
+    """Pre-copy loads carry the configured rate; the stage's deadline grows by
+    the time the paced copy takes (64 blocks of 4 MiB at 128 MiB/s: 2 s)."""
+    async def go():
+        h = RequestHandle("r", list(range(64 * 16)), {"max_tokens": 500}, 0, "i0")
+        h.append([7, 8])
+        src, dst = RecordingAgent("i0"), RecordingAgent("i1")
+        config = MigrationConfig(max_precopy_stages=1, precopy_rate_mib_s=128, stage_timeout_s=10)
+        coord = Coordinator(h, src, dst, config, on_hop=lambda *a: None)
+        asyncio.get_running_loop().call_later(0.05, h.finish, "length")
+        return await coord.run(), dst.args
+    result, dst_args = asyncio.run(go())
+    assert "finished on the source" in result.reason
+    stages = [a for m, a in dst_args if m == "precopy"]
+    assert len(stages) == 1 and stages[0]["load"]["rate_mib_s"] == 128
+    assert stages[0]["load"]["num_tokens"] == 64 * 16 and not stages[0]["load"]["final"]
+    assert stages[0]["timeout"] == 10 + 2.0 and stages[0]["rpc_timeout"] == 10 + 2.0 + 5

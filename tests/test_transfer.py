@@ -365,3 +365,31 @@ def test_close_with_busy_provider_and_stale_segments(tmp_path):
     assert fake in shm.remove_stale_segments() and mine.name in shm.list_segments()
     mine.close()
     assert shm.list_segments(os.getpid()) == [] and fake not in shm.list_segments()
+
+
+@pytest.mark.parametrize("transport", ["pvm", "shm", "tcp"])
+def test_paced_pull_is_bit_exact_and_accounts_every_byte(server, transport, monkeypatch):
+    from llumigrate.transfer import connection, pacing
+
+    spent: list[tuple[float, int]] = []
+
+    class Recording(pacing.Pacer):
+        def spent(self, nbytes: int) -> None:
+            spent.append((self.bytes_per_s, nbytes))
+            super().spent(nbytes)
+
+    monkeypatch.setattr(connection, "Pacer", Recording)
+    monkeypatch.setattr(connection, "PACED_PIECE_BYTES", 4 * BPB)
+    dst = poisoned()
+    cli = KVClient(dst, transport=transport)
+    dest = list(range(39, 9, -1))
+    rate = float(pacing.MIN_RATE_BYTES_PER_S)
+    cli.pull(server.address, PullRequest("r2", 0, 30, max_bytes_per_s=rate), dest)
+    check_pulled(server.src, dst, TABLE["r2"], dest)
+    assert sum(n for _, n in spent) == 30 * BPB and {r for r, _ in spent} == {rate}
+    # pvm reads in pieces of PACED_PIECE_BYTES; shm and tcp pace per chunk (4 blocks here).
+    assert [n // BPB for _, n in spent] == [4] * 7 + [2]
+    spent.clear()
+    cli.pull(server.address, PullRequest("r1", 0, 13), list(range(13)))  # unpaced: pvm in one read
+    assert [n // BPB for _, n in spent] == ([13] if transport == "pvm" else [4, 4, 4, 1])
+    cli.close()

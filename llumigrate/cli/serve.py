@@ -43,6 +43,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler-interval", type=float, default=DEFAULT_INTERVAL_S,
                    help="seconds between migration rounds")
     p.add_argument("--precopy-stages", type=int, default=MigrationConfig.max_precopy_stages)
+    p.add_argument("--precopy-rate-mib-s", type=float, default=MigrationConfig.precopy_rate_mib_s,
+                   help="pace pre-copy stages to this many MiB/s so that the copy leaves running "
+                        "requests their memory bandwidth (CPU KV; 0: no limit; the final stop-and-copy "
+                        "is never paced)")
     p.add_argument("--no-failover", action="store_true", help="fail a lost instance's requests")
     p.add_argument("--kv-transport", default="auto", choices=["auto", "shm", "tcp"])
     add_engine_spin(p)
@@ -90,7 +94,8 @@ def build_config(args: argparse.Namespace, model: str | None, engine_args: list[
         served_model_name=args.served_model_name, host=args.host, port=args.port,
         api_key=args.api_key, control_address=args.control_address, token=args.token,
         scheduler=SchedulerConfig(dispatch_policy=args.dispatch_policy, migration_policies=policies),
-        migration=MigrationConfig(max_precopy_stages=args.precopy_stages),
+        migration=MigrationConfig(max_precopy_stages=args.precopy_stages,
+                                  precopy_rate_mib_s=args.precopy_rate_mib_s),
         interval_s=args.scheduler_interval, failover=not args.no_failover,
         kv_transport=args.kv_transport, engine_spin_ms=args.engine_spin_ms, log_level=args.log_level)
 

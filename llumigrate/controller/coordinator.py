@@ -169,9 +169,10 @@ class Coordinator(RollbackSteps):
             n = full_blocks * bs
             key = f"{self.new_rid}/pre{self.m.stages_done}"
             await self._inject(FaultPoint.PRECOPY, self.m.stages_done)
+            timeout = self.m.timeout_for() + self.config.paced_copy_s(full_blocks * self.src.block_bytes)
             res = await self.dst.call(
-                "precopy", rpc_timeout=self.m.timeout_for() + 5, key=key, tokens=tokens[: n + 1],
-                load=self._load(self.old_rid, n, final=False), timeout=self.m.timeout_for())
+                "precopy", rpc_timeout=timeout + 5, key=key, tokens=tokens[: n + 1],
+                load=self._load(self.old_rid, n, final=False), timeout=timeout)
             self.result.blocks_per_stage.append(int(res["loaded"]) // bs)
             logger.debug("%s pre-copy stage %d: %d blocks loaded, %d hit, %d output tokens",
                          self.req.request_id, self.m.stages_done, int(res["loaded"]) // bs,
@@ -290,4 +291,4 @@ class Coordinator(RollbackSteps):
     def _load(self, src_key: str, num_tokens: int, *, final: bool) -> dict:
         host, port = self.src.kv_address
         return {"host": host, "port": port, "src_key": src_key, "num_tokens": num_tokens,
-                "final": final}
+                "final": final, "rate_mib_s": 0.0 if final else self.config.precopy_rate_mib_s}

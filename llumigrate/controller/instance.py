@@ -44,6 +44,11 @@ class Instance:
     def block_size(self) -> int:
         return int(self.info["block_size"])
 
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one KV block over all layers (0 when the engine did not say)."""
+        return int(self.info.get("block_bytes", 0)) * int(self.info.get("num_layers", 1))
+
     async def call(self, method: str, rpc_timeout: float | None = 60.0, **args: Any) -> Any:
         if self.client is None or not self.up:
             raise InstanceLost(f"instance {self.instance_id} is down")

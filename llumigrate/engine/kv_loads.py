@@ -77,7 +77,8 @@ class LoadRunner:
             assert self.client is not None, "KV caches not registered yet"
             spec = job.spec
             pull = PullRequest(spec.src_key, job.start_block, len(job.dest_block_ids),
-                               final=spec.final, timeout_s=self.timeout_s)
+                               final=spec.final, timeout_s=self.timeout_s,
+                               max_bytes_per_s=0.0 if job.sync else spec.rate_mib_s * 2**20)
             self.client.pull((spec.host, spec.port), pull, job.dest_block_ids)
             ok = True
         except (TransferError, OSError) as e:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import base64
 from dataclasses import dataclass
 
+from llumigrate.migration.protocol import MIN_PRECOPY_RATE_MIB_S
+
 PARAMS_KEY = "llumigrate"
 
 
@@ -27,15 +29,22 @@ class LoadSpec:
     num_tokens: int
     # Release the source's held blocks once this load succeeded (final stage).
     final: bool = False
+    # Pace the copy to this many MiB/s (pre-copy stages); 0 = as fast as it can.
+    rate_mib_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.rate_mib_s and not self.rate_mib_s >= MIN_PRECOPY_RATE_MIB_S:
+            raise ValueError(f"rate_mib_s must be 0 (no limit) or >= {MIN_PRECOPY_RATE_MIB_S}, "
+                             f"got {self.rate_mib_s}")
 
     def to_wire(self) -> dict:
         return {"host": self.host, "port": self.port, "src_key": self.src_key,
-                "num_tokens": self.num_tokens, "final": self.final}
+                "num_tokens": self.num_tokens, "final": self.final, "rate_mib_s": self.rate_mib_s}
 
     @classmethod
     def from_wire(cls, d: dict) -> LoadSpec:
         return cls(str(d["host"]), int(d["port"]), str(d["src_key"]),
-                   int(d["num_tokens"]), bool(d.get("final", False)))
+                   int(d["num_tokens"]), bool(d.get("final", False)), float(d.get("rate_mib_s", 0.0)))
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,13 @@ class Action(enum.Enum):
     NONE = "none"                # terminal
 
 
+# Pre-copy pacing (MigrationConfig.precopy_rate_mib_s): the default, and the
+# least a paced pull may move (transfer.pacing.MIN_RATE_BYTES_PER_S; a source
+# gives up on a slower puller).
+PRECOPY_RATE_MIB_S = 1024.0
+MIN_PRECOPY_RATE_MIB_S = 128
+
+
 @dataclass(frozen=True)
 class MigrationConfig:
     """Knobs of one migration. Validated on construction."""
@@ -71,6 +78,10 @@ class MigrationConfig:
     stop_timeout_s: float = 5.0
     commit_timeout_s: float = 30.0
     release_timeout_s: float = 5.0
+    # Pre-copy stages copy at most this many MiB/s (0 = no limit), so that
+    # the copy leaves the engines their memory bandwidth and cores; the final
+    # stop-and-copy is never paced. CPU transports only.
+    precopy_rate_mib_s: float = PRECOPY_RATE_MIB_S
     # Baseline for benchmarks: move no KV, re-prefill on the destination.
     recompute: bool = False
 
@@ -81,10 +92,18 @@ class MigrationConfig:
             raise ConfigError(
                 f"stop_threshold_blocks must be >= 0, got {self.stop_threshold_blocks}"
             )
+        if self.precopy_rate_mib_s and not self.precopy_rate_mib_s >= MIN_PRECOPY_RATE_MIB_S:
+            raise ConfigError(f"precopy_rate_mib_s must be 0 (no limit) or >= {MIN_PRECOPY_RATE_MIB_S}, "
+                              f"got {self.precopy_rate_mib_s}")
         for name in ("reserve", "stage", "stop", "commit", "release"):
             value = getattr(self, f"{name}_timeout_s")
             if not value > 0:
                 raise ConfigError(f"{name}_timeout_s must be > 0, got {value}")
+
+    def paced_copy_s(self, nbytes: int) -> float:
+        """How long a pre-copy of `nbytes` takes at the paced rate at least
+        (0 unpaced); a stage's deadline is extended by this much."""
+        return nbytes / (self.precopy_rate_mib_s * 2**20) if self.precopy_rate_mib_s else 0.0
 
 
 @dataclass

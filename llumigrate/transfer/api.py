@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from llumigrate.transfer.pacing import MIN_RATE_BYTES_PER_S
+
 # CPU engines. Same host only: "pvm" (the client reads the source's blocks
 # with process_vm_readv: one copy; needs ptrace rights) and "shm" (the source
 # gathers into shared memory, the client scatters from it). "tcp" works
@@ -31,7 +33,10 @@ class PullRequest:
     `final` marks the last pull of a migration (the provider may fence/wait
     for the request to stop first). `timeout_s` bounds how long the provider
     may block before granting; the server cannot interrupt a provider, so the
-    provider must honour it. Raises ValueError when a field is out of range.
+    provider must honour it. `max_bytes_per_s` (the puller's own, never
+    sent) paces the copy on CPU transports: 0 copies as fast as it can,
+    otherwise at least `pacing.MIN_RATE_BYTES_PER_S`. Raises ValueError when a
+    field is out of range.
     """
 
     key: str
@@ -39,6 +44,7 @@ class PullRequest:
     num_blocks: int
     final: bool = False
     timeout_s: float = 30.0
+    max_bytes_per_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.key, str):
@@ -48,6 +54,9 @@ class PullRequest:
                              f"{self.num_blocks}")
         if not self.timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+        if self.max_bytes_per_s and not self.max_bytes_per_s >= MIN_RATE_BYTES_PER_S:
+            raise ValueError(f"max_bytes_per_s must be 0 (no limit) or >= {MIN_RATE_BYTES_PER_S}, "
+                             f"got {self.max_bytes_per_s}")
 
 
 @dataclass(frozen=True)

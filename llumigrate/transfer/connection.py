@@ -16,6 +16,7 @@ from llumigrate.kv.layout import KVLayout
 from llumigrate.kv.ops import read_remote_blocks, scatter_blocks
 from llumigrate.transfer.api import PullRequest
 from llumigrate.transfer.channel import Channel, client_hello
+from llumigrate.transfer.pacing import Pacer, pieces
 from llumigrate.transfer.plan import ChunkPlan
 from llumigrate.transfer.shm import Segment, pid_alive, remove_stale_segments, unlink
 from llumigrate.transfer.wire import (
@@ -33,6 +34,8 @@ from llumigrate.transfer.wire import (
 logger = logging.getLogger(__name__)
 
 FAULT_KINDS = ("drop", "stall")
+# A paced pvm pull reads this much per call, then sleeps as the pacer says.
+PACED_PIECE_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -162,13 +165,14 @@ class ClientConnection:
         if fault is not None:
             self._fail_injected(fault)
         plan = self._plan(reply, req)
+        pacer = Pacer(req.max_bytes_per_s)
         try:
             if self.transport == "pvm":
-                self._read_pvm(reply, dest)
+                self._read_pvm(reply, dest, pacer)
             elif self.transport == "shm":
-                self._recv_shm(reply, plan, dest)
+                self._recv_shm(reply, plan, dest, pacer)
             else:
-                self._recv_tcp(plan, dest)
+                self._recv_tcp(plan, dest, pacer)
         except RuntimeError as e:  # a copy op failed: tell the server, drop the connection
             reason = str(e).splitlines()[0]
             self.chan.send(Ack(seq, False, reason), io)
@@ -196,7 +200,7 @@ class ClientConnection:
             raise TransferError(f"bad grant: ring of {plan.num_slots} slots in {grant.segment_size} bytes")
         return plan
 
-    def _recv_shm(self, grant: GrantMsg, plan: ChunkPlan, dest: torch.Tensor) -> None:
+    def _recv_shm(self, grant: GrantMsg, plan: ChunkPlan, dest: torch.Tensor, pacer: Pacer) -> None:
         """Scatter every chunk as it is ready; report a slot free (`Consumed`)
         only when the server will write it again."""
         if plan.num_chunks == 0:
@@ -213,17 +217,26 @@ class ClientConnection:
             lo, hi = plan.blocks(i)
             off = plan.slot_offset(i)
             scatter_blocks(ring[off:off + plan.chunk_nbytes(i)], dest[lo:hi], self.layers, self.num_threads)
+            pacer.spent(plan.chunk_nbytes(i))
             if i + plan.num_slots < plan.num_chunks:
                 self.chan.send(Consumed(grant.seq, i), self.io)
 
-    def _read_pvm(self, grant: GrantMsg, dest: torch.Tensor) -> None:
+    def _read_pvm(self, grant: GrantMsg, dest: torch.Tensor, pacer: Pacer) -> None:
+        """Read the granted blocks out of the server: in one call, or paced in
+        pieces of PACED_PIECE_BYTES."""
         if len(grant.block_ids) != 8 * grant.num_blocks:
             raise TransferError(f"bad grant: {len(grant.block_ids)} bytes of ids for {grant.num_blocks} blocks")
-        if grant.num_blocks:
-            src = torch.frombuffer(bytearray(grant.block_ids), dtype=torch.int64)
-            read_remote_blocks(self.server_pid, self._layer_addrs, src, dest, self.layers, self.num_threads)
+        if not grant.num_blocks:
+            return
+        src = torch.frombuffer(bytearray(grant.block_ids), dtype=torch.int64)
+        bpb = self.layout.bytes_per_block
+        step = max(1, PACED_PIECE_BYTES // bpb) if pacer.limited else grant.num_blocks
+        for lo, hi in pieces(grant.num_blocks, step):
+            read_remote_blocks(self.server_pid, self._layer_addrs, src[lo:hi], dest[lo:hi], self.layers,
+                               self.num_threads)
+            pacer.spent((hi - lo) * bpb)
 
-    def _recv_tcp(self, plan: ChunkPlan, dest: torch.Tensor) -> None:
+    def _recv_tcp(self, plan: ChunkPlan, dest: torch.Tensor, pacer: Pacer) -> None:
         raw, staging = self._staging_for(plan.slot_bytes)
         view = memoryview(raw)
         for i in range(plan.num_chunks):
@@ -231,6 +244,7 @@ class ClientConnection:
             n = plan.chunk_nbytes(i)
             self.chan.recv_into(view[:n], self.io)
             scatter_blocks(staging[:n], dest[lo:hi], self.layers, self.num_threads)
+            pacer.spent(n)
 
     def _map(self, name: str, size: int) -> torch.Tensor:
         """The server's ring, mapped once per segment (remapped on growth)."""
