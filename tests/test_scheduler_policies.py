@@ -135,11 +135,30 @@ def blocked(*reqs, head: int = 12, free: int | None = None):
 
 
 def test_defrag_frees_room_for_the_head_of_line_request():
-    a, b, c = (make_request(x, prompt=n * 16, output=0) for x, n in (("a", 2), ("b", 10), ("c", 14)))
-    # i0: 4 free, head needs 12; i1 and i2 have 11 free each: no instance can take the head
+    a, b, c = (make_request(x, prompt=n * 16, output=0, max_tokens=16) for x, n in (("a", 2), ("b", 10), ("c", 14)))
+    # i0: 4 free, head needs 12; i1 and i2 have 11 free each: no instance can take the head.
+    # b (10 blocks, then 16 more tokens: 11) fits i1 with its growth.
     snap = make_cluster(blocked(a, b, c), make_instance("i1", num_blocks=11), make_instance("i2", num_blocks=11))
     plans = defrag(snap, ctx(**WIDE))
     assert moves(plans) == [("b", "i0", "i1")] and plans[0].reason == "defrag"
+
+
+def test_moves_of_running_requests_keep_the_destination_growth_room():
+    """Making room and balancing send a running request only where it and
+    what runs there can each grow `growth_horizon_tokens` without vLLM
+    preempting one: else the move trades room here for preemptions there."""
+    a, b, c = (make_request(x, prompt=n * 16, output=0, max_tokens=500) for x, n in (("a", 2), ("b", 10), ("c", 14)))
+    snap = make_cluster(blocked(a, b, c), make_instance("i1", num_blocks=20), make_instance("i2", num_blocks=20))
+    # b takes 10 of i1's 20 blocks and grows 16 within 256 tokens: no destination
+    assert defrag(snap, ctx(**WIDE)) == []
+    assert moves(defrag(snap, ctx(growth_horizon_tokens=96, **WIDE))) == [("b", "i0", "i1")]  # grows 6
+    # balance: i0r0 (8 blocks) and i1's runner (16) grow 16 blocks each within 256 tokens;
+    # i1 has 34 free, 26 once i0r0 is there: 6 short of 32
+    runner = make_request("r", prompt=16 * 16, output=0)
+    tight = make_instance("i1", runner, num_blocks=50, num_running=1)
+    assert balance(make_cluster(overloaded(), tight), ctx(**WIDE)) == []
+    assert moves(balance(make_cluster(overloaded(), tight), ctx(growth_horizon_tokens=128, **WIDE))) \
+        == [("i0r0", "i0", "i1")]
 
 
 def test_defrag_uses_several_moves_when_no_single_one_is_enough():

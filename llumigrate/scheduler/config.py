@@ -48,9 +48,10 @@ class SchedulerConfig:
     cooldown_s: float = 10.0         # a migrated request is not moved again this soon
     no_return_s: float = 60.0        # ... nor back to where it came from this soon
     min_remaining_tokens: int = 8    # not worth moving a request this close to its end
-    # A queued request is re-dispatched only where, once it starts, the
-    # running requests there (it included) can each generate this many more
-    # tokens (or up to their max_tokens) before vLLM must preempt one.
+    # A request moves (re-dispatch, balance, making room; drain excepted)
+    # only where, once it runs there, the running requests there (it
+    # included) can each generate this many more tokens (or up to their
+    # max_tokens) before vLLM must preempt one.
     growth_horizon_tokens: int = 256
     stale_report_s: float | None = None  # older reports: instance takes no new work
     seed: int = 0                    # power-of-two's sampling

@@ -65,6 +65,13 @@ def growth_blocks(inst: InstanceSnapshot, horizon_tokens: int) -> int:
     return total
 
 
+def keeps_growth_room(inst: InstanceSnapshot, cfg: SchedulerConfig, priority: int | None = None) -> bool:
+    """Whether `inst`'s spare blocks (for `priority`) cover the growth of what
+    runs there over `cfg.growth_horizon_tokens`: a request moved in (it is
+    listed in `inst`) keeps running without vLLM preempting one there."""
+    return spare_blocks(inst, cfg, priority) >= growth_blocks(inst, cfg.growth_horizon_tokens)
+
+
 def fits(req: RequestSnapshot, inst: InstanceSnapshot) -> bool:
     """Whether `inst` has the free blocks to hold running request `req` now."""
     return req.blocks(inst.block_size) <= inst.free_blocks

@@ -6,13 +6,14 @@ most loaded source is paired with the freest destination, the next with the
 next, up to `max_balance_pairs`. Within a pair, requests move (low priority
 first, on measured cost: `common.pick`) until the source is no longer below
 `migrate_out_threshold` or the concurrency limits are reached. A move is only made if, afterwards, the destination
-is still at least as free as the source and is not itself a source: a move
-never inverts the imbalance, so it never calls for a move back.
+is still at least as free as the source and is not itself a source (a move
+never inverts the imbalance, so it never calls for a move back), and the
+destination keeps growth room for what runs there (`load.keeps_growth_room`).
 """
 
 from __future__ import annotations
 
-from llumigrate.scheduler.load import freeness
+from llumigrate.scheduler.load import freeness, keeps_growth_room
 from llumigrate.scheduler.plan import MigrationPlan, PlanContext, apply_plan, can_receive, can_send, may_go
 from llumigrate.scheduler.policies.common import candidates, pick
 from llumigrate.scheduler.snapshot import ClusterSnapshot, InstanceSnapshot, RequestSnapshot
@@ -53,12 +54,14 @@ def _balance_pair(snapshot: ClusterSnapshot, src_id: str, dst_id: str,
 
 
 def _improves(snapshot: ClusterSnapshot, req: RequestSnapshot, dst_id: str, ctx: PlanContext) -> bool:
-    """After the move the destination is no source and no less free than the source."""
+    """After the move the destination is no source, no less free than the
+    source, and keeps growth room for what runs there."""
     cfg = ctx.cfg
     src_after = snapshot[req.instance_id].without_request(req)
     dst_after = snapshot[dst_id].with_running(req)
     dst_free = freeness(dst_after, cfg)
-    return dst_free >= cfg.migrate_out_threshold and dst_free >= freeness(src_after, cfg)
+    return (dst_free >= cfg.migrate_out_threshold and dst_free >= freeness(src_after, cfg)
+            and keeps_growth_room(dst_after, cfg))
 
 
 def _lifts_source(src: InstanceSnapshot, reqs: list[RequestSnapshot], ctx: PlanContext) -> bool:

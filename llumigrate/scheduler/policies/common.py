@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 
-from llumigrate.scheduler.load import freeness, spare_blocks
+from llumigrate.scheduler.load import freeness, keeps_growth_room
 from llumigrate.scheduler.plan import (MigrationPlan, PlanContext, Reason, apply_plan, can_send,
                                        may_go, movable)
 from llumigrate.scheduler.snapshot import ClusterSnapshot, InstanceSnapshot, RequestSnapshot, blocks_for
@@ -46,11 +46,13 @@ def best_destination(snapshot: ClusterSnapshot, req: RequestSnapshot, ctx: PlanC
 
 def keeps_room(ctx: PlanContext, req: RequestSnapshot) -> DestinationCheck:
     """A destination check: the destination still serves its own queue and
-    headroom, and does not become a balance source."""
+    headroom, keeps growth room for what runs there (`load.keeps_growth_room`:
+    else the move trades room here for preemptions there), and does not
+    become a balance source."""
     cfg = ctx.cfg
 
     def check(after: InstanceSnapshot) -> bool:
-        return (spare_blocks(after, cfg, req.priority) >= 0
+        return (keeps_growth_room(after, cfg, req.priority)
                 and freeness(after, cfg) >= cfg.migrate_out_threshold)
     return check
 

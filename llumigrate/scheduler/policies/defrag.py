@@ -16,7 +16,7 @@ there. Nothing is planned when the moves could not free enough.
 
 from __future__ import annotations
 
-from llumigrate.scheduler.load import growth_blocks, spare_blocks
+from llumigrate.scheduler.load import keeps_growth_room
 from llumigrate.scheduler.plan import MigrationPlan, PlanContext, apply_plan, movable
 from llumigrate.scheduler.policies.common import best_destination, make_room
 from llumigrate.scheduler.snapshot import ClusterSnapshot, InstanceSnapshot, RequestSnapshot
@@ -47,6 +47,5 @@ def _starts_now(snapshot: ClusterSnapshot, head: RequestSnapshot, ctx: PlanConte
         return None
 
     def check(after: InstanceSnapshot) -> bool:
-        growth = growth_blocks(after, ctx.cfg.growth_horizon_tokens)
-        return after.waiting_demand_blocks == 0 and spare_blocks(after, ctx.cfg, head.priority) >= growth
+        return after.waiting_demand_blocks == 0 and keeps_growth_room(after, ctx.cfg, head.priority)
     return best_destination(snapshot, head, ctx, "defrag", check)
