@@ -166,3 +166,12 @@ def test_preempted_requests_are_reported_head_first_until_resumed_or_finished():
     reqs["a#0"].status = RequestStatus.FINISHED_ABORTED
     s.request_finished(reqs["a#0"], [])
     assert sent[-1] == []
+
+
+def test_a_step_that_schedules_no_tokens_is_marked_idle_for_the_worker():
+    s = SchedulerSide(16, {}, 1000)
+    busy, idle, unknown = _step_output(), _step_output(), _step_output()
+    busy.total_num_scheduled_tokens, idle.total_num_scheduled_tokens = 3, 0
+    assert s.build_connector_meta(busy).idle is False
+    assert s.build_connector_meta(idle).idle is True
+    assert s.build_connector_meta(unknown).idle is False   # a vLLM without the field: never wait

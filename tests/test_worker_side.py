@@ -11,8 +11,8 @@ from llumigrate.errors import TransferRefused
 from llumigrate.transfer import PullRequest
 
 
-def _worker_running(key: str = "k#0", req_id: str = "k#0-abc") -> WorkerSide:
-    w = WorkerSide(block_size=4, extra={})
+def _worker_running(key: str = "k#0", req_id: str = "k#0-abc", **extra) -> WorkerSide:
+    w = WorkerSide(block_size=4, extra=extra)
     w.bind(SchedulerMeta(keys={req_id: key}, block_updates=[(req_id, [3, 4, 5], False)]))
     return w
 
@@ -80,3 +80,60 @@ def test_a_request_readmitted_after_preemption_is_not_loaded_again():
     assert [job.dest_block_ids for job in meta.loads] == [[7, 8, 9, 10]]
     # Preempted after the load, then re-admitted with nothing computed:
     assert side.get_num_new_matched_tokens(req, 0) == (0, False)
+
+
+class _SlowClient:
+    """A KV client whose pulls take until `go` is set."""
+
+    def __init__(self) -> None:
+        import threading
+        self.go = threading.Event()
+        self.pulls = 0
+
+    def pull(self, address, req, dest_block_ids) -> bytes:
+        self.go.wait(30)
+        self.pulls += 1
+        return b""
+
+
+def _loading(idle_wait_s: float):
+    from llumigrate.engine.meta import LoadJob
+    from llumigrate.engine.params import LoadSpec
+
+    w = WorkerSide(block_size=4, extra={"idle_wait_s": idle_wait_s})
+    client = w.loads.client = _SlowClient()
+    w.bind(SchedulerMeta(loads=[LoadJob("d#1", LoadSpec("127.0.0.1", 1, "s#0", 8), 0, [1, 2])]))
+    return w, client
+
+
+def test_an_idle_step_waits_for_the_load_it_polls():
+    """A step that computes nothing (vLLM only polls the connector) waits for
+    a background load to end instead of returning at once; news ends the
+    wait, and a busy step never waits."""
+    import threading
+    import time
+
+    w, client = _loading(idle_wait_s=30.0)
+    w.bind(SchedulerMeta(idle=False))
+    assert w.get_finished(set()) == (set(), set(), set())    # busy step: no wait, load still running
+    w.bind(SchedulerMeta(idle=True))
+    threading.Timer(0.2, client.go.set).start()
+    t0 = time.monotonic()
+    assert w.get_finished(set()) == (set(), {"d#1"}, set())  # waited for it
+    assert client.pulls == 1 and time.monotonic() - t0 < 10  # ended by the news, not the 30 s
+    t0 = time.monotonic()
+    assert w.get_finished(set()) == (set(), set(), set())    # idle, nothing pending: no wait
+    assert time.monotonic() - t0 < 10
+    w.shutdown()
+
+
+def test_an_idle_step_with_held_blocks_wakes_on_their_release():
+    import threading
+
+    w = _worker_running(idle_wait_s=30.0)
+    w.track("k#0")
+    _hold(w)
+    w.bind(SchedulerMeta(idle=True))
+    threading.Timer(0.2, w.release, ("k#0",)).start()
+    sending, _, _ = w.get_finished({"k#0-abc"})
+    assert sending == {"k#0-abc"}

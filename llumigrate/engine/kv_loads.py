@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from llumigrate.engine.meta import LoadJob
@@ -22,9 +23,14 @@ logger = logging.getLogger(__name__)
 
 
 class LoadRunner:
-    def __init__(self, timeout_s: float) -> None:
+    """`on_finished` (optional) is called on the load thread after each
+    background load ends, ok or not."""
+
+    def __init__(self, timeout_s: float, on_finished: Callable[[], None] | None = None) -> None:
         self.client: KVClient | None = None     # set once the KV caches are registered
         self.timeout_s = timeout_s
+        self._on_finished = on_finished
+        self._in_flight = 0                     # background loads submitted, not ended
         self._lock = threading.Lock()
         self._sync: list[LoadJob] = []
         self._error_blocks: set[int] = set()
@@ -38,7 +44,15 @@ class LoadRunner:
         if job.sync:
             self._sync.append(job)
         else:
+            with self._lock:
+                self._in_flight += 1
             self._pool.submit(self._run, job)
+
+    @property
+    def busy(self) -> bool:
+        """Whether a background load is running or queued."""
+        with self._lock:
+            return self._in_flight > 0
 
     def run_sync(self) -> None:
         """Run this step's synchronous loads before the forward that needs them."""
@@ -69,6 +83,9 @@ class LoadRunner:
         ok = self._load(job)
         with self._lock:
             (self._done if ok else self._failed).add(job.req_id)
+            self._in_flight -= 1
+        if self._on_finished is not None:
+            self._on_finished()
 
     def _load(self, job: LoadJob) -> bool:
         """Pull one job's blocks into this engine's blocks; False on failure."""

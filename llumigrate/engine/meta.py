@@ -49,6 +49,9 @@ class SchedulerMeta(KVConnectorMetadata):
     held: list[HeldRequest] = field(default_factory=list)
     generator_states: dict[str, bytes] = field(default_factory=dict)  # req_id -> state
     tracked: frozenset[str] = frozenset()                         # keys the scheduler holds on abort
+    # The step schedules no tokens: vLLM steps only to poll the connector
+    # (loads in flight, blocks held), and the worker may wait for news.
+    idle: bool = False
 
 
 @dataclass

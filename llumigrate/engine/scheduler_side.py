@@ -181,6 +181,7 @@ class SchedulerSide:
             if tag is not None and tag.generator_state is not None:
                 meta.generator_states[new_req.req_id] = tag.generator_state
         meta.tracked = frozenset(self._tracked)
+        meta.idle = getattr(scheduler_output, "total_num_scheduled_tokens", None) == 0
         self._meta = SchedulerMeta()
         self._note_preemptions(scheduler_output)
         return meta

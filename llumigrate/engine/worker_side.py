@@ -30,6 +30,9 @@ from llumigrate.transfer.connection import InjectedFault
 
 logger = logging.getLogger(__name__)
 
+# How long an idle step waits for a load to end or a hold to be released.
+IDLE_WAIT_S = 0.02
+
 @dataclass
 class _Entry:
     key: str
@@ -53,7 +56,12 @@ class WorkerSide:
         self.hold_lease_s = float(extra.get("hold_lease_s", 120.0))
         self.model_runner: Any = None
         self.notifier = Notifier(extra.get("notify_path"))
-        self.loads = LoadRunner(float(extra.get("load_timeout_s", 30.0)))
+        # Set when a background load ends or held blocks are released: an
+        # idle step waits for it (see `get_finished`).
+        self._news = threading.Event()
+        self.idle_wait_s = float(extra.get("idle_wait_s", IDLE_WAIT_S))
+        self.loads = LoadRunner(float(extra.get("load_timeout_s", 30.0)), on_finished=self._news.set)
+        self._idle_step = False
         self._lock = threading.Condition()
         self._entries: dict[str, _Entry] = {}        # req_id -> live block table
         self._by_key: dict[str, str] = {}            # key -> req_id
@@ -91,6 +99,7 @@ class WorkerSide:
 
     # -- engine thread, once per step ------------------------------------------
     def bind(self, meta: SchedulerMeta) -> None:
+        self._idle_step = meta.idle
         with self._lock:
             self._scheduler_tracked = meta.tracked
             self._untrack_sent &= meta.tracked
@@ -135,7 +144,19 @@ class WorkerSide:
         return self.loads.take_error_blocks()
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str], set[str]]:
-        """(finished sending, finished receiving, failed receiving)."""
+        """(finished sending, finished receiving, failed receiving).
+
+        NOTE: while vLLM has nothing to compute but waits on this connector
+        (a pre-copy or migrated request whose KV is loading, blocks held for a
+        pull), its engine loop steps every millisecond just to ask, and on a
+        few shared cores those empty steps slow the engines that do compute.
+        Such an idle step waits here up to `idle_wait_s` for a load to end or
+        a hold to be released; news ends the wait at once, so nothing is
+        noticed later, while a new request reaching an engine in that state
+        waits at most that long to be scheduled."""
+        if self._idle_step and (self.loads.busy or self._held):
+            self._news.wait(self.idle_wait_s)
+        self._news.clear()
         now = time.monotonic()
         with self._lock:
             for req_id in finished_req_ids:
@@ -270,6 +291,7 @@ class WorkerSide:
             return False
         if held.req.holds_blocks:
             self._released.add(held.req.req_id)
+            self._news.set()
         self._note_gone(key, "released")
         if key not in self._tracked or self._by_key.get(key) is None:
             self._forget_key(key)
