@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 # How long an idle step waits for a load to end or a hold to be released.
 IDLE_WAIT_S = 0.02
 
+
 @dataclass
 class _Entry:
     key: str
