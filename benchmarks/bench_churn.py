@@ -199,6 +199,7 @@ def _plot(out: dict, png: Path) -> None:
         rs = [r for r in out["runs"] if r["config"] == config]
         ax1.plot([r["round"] + 1 for r in rs], [r["decode_tokens_per_s"] for r in rs], marker="o",
                  color=color, label=config)
+    ax1.set_xticks(sorted({r["round"] + 1 for r in out["runs"]}))
     ax1.set_xlabel("round")
     ax1.set_ylabel("decode tokens/s (both instances)")
     ax1.set_title("throughput: undisturbed vs churned")
