@@ -143,22 +143,24 @@ def test_defrag_frees_room_for_the_head_of_line_request():
     assert moves(plans) == [("b", "i0", "i1")] and plans[0].reason == "defrag"
 
 
-def test_moves_of_running_requests_keep_the_destination_growth_room():
-    """Making room and balancing send a running request only where it and
-    what runs there can each grow `growth_horizon_tokens` without vLLM
-    preempting one: else the move trades room here for preemptions there."""
+def test_moves_of_running_requests_trade_no_room_for_preemptions():
+    """Balancing and making room move a running request only if the move adds
+    no more growth shortfall at the destination (blocks its running requests
+    lack to grow `growth_horizon_tokens`) than it relieves at the source."""
+    # The source's requests are near their end (9 tokens left): its spare
+    # blocks cover their growth, so moving one relieves nothing; i1's runner
+    # (16 blocks, no max_tokens) grows 16 blocks within 256 tokens, 14 free.
+    ending = [make_request(f"i0r{k}", prompt=128, output=k, max_tokens=k + 9) for k in range(10)]
+    src = make_instance("i0", *ending, waiting_blocks=4)                       # freeness 0.7
+    dst = make_instance("i1", make_request("r", prompt=16 * 16, output=0), num_blocks=30, num_running=1)
+    assert balance(make_cluster(src, dst), ctx(**WIDE)) == []                 # i1 would preempt
+    assert moves(balance(make_cluster(src, dst), ctx(growth_horizon_tokens=16, **WIDE))) \
+        == [("i0r0", "i0", "i1")]                                            # 1 block of growth fits
+    # A blocked head's instance must preempt anyway: sending b where it can
+    # grow only partly still relieves more than it adds.
     a, b, c = (make_request(x, prompt=n * 16, output=0, max_tokens=500) for x, n in (("a", 2), ("b", 10), ("c", 14)))
     snap = make_cluster(blocked(a, b, c), make_instance("i1", num_blocks=20), make_instance("i2", num_blocks=20))
-    # b takes 10 of i1's 20 blocks and grows 16 within 256 tokens: no destination
-    assert defrag(snap, ctx(**WIDE)) == []
-    assert moves(defrag(snap, ctx(growth_horizon_tokens=96, **WIDE))) == [("b", "i0", "i1")]  # grows 6
-    # balance: i0r0 (8 blocks) and i1's runner (16) grow 16 blocks each within 256 tokens;
-    # i1 has 34 free, 26 once i0r0 is there: 6 short of 32
-    runner = make_request("r", prompt=16 * 16, output=0)
-    tight = make_instance("i1", runner, num_blocks=50, num_running=1)
-    assert balance(make_cluster(overloaded(), tight), ctx(**WIDE)) == []
-    assert moves(balance(make_cluster(overloaded(), tight), ctx(growth_horizon_tokens=128, **WIDE))) \
-        == [("i0r0", "i0", "i1")]
+    assert moves(defrag(snap, ctx(**WIDE))) == [("b", "i0", "i1")]
 
 
 def test_defrag_uses_several_moves_when_no_single_one_is_enough():

@@ -137,3 +137,31 @@ def test_an_idle_step_with_held_blocks_wakes_on_their_release():
     threading.Timer(0.2, w.release, ("k#0",)).start()
     sending, _, _ = w.get_finished({"k#0-abc"})
     assert sending == {"k#0-abc"}
+
+
+def test_a_paced_load_does_not_hold_up_a_commit_load():
+    """A long paced pre-copy pull runs on its own thread: a commit's load
+    (never paced) queued after it finishes first."""
+    import threading
+
+    from llumigrate.engine.meta import LoadJob
+    from llumigrate.engine.params import LoadSpec
+
+    class PacedBlocks:
+        def __init__(self) -> None:
+            self.go = threading.Event()
+
+        def pull(self, address, req, dest_block_ids) -> bytes:
+            if req.max_bytes_per_s:
+                self.go.wait(30)
+            return b""
+
+    w = WorkerSide(block_size=4, extra={"idle_wait_s": 30.0})
+    client = w.loads.client = PacedBlocks()
+    w.bind(SchedulerMeta(loads=[LoadJob("pre#1", LoadSpec("h", 1, "s#0", 8, rate_mib_s=512), 0, [1, 2]),
+                                LoadJob("commit#1", LoadSpec("h", 1, "s#0", 8, final=True), 0, [3, 4])]))
+    w.bind(SchedulerMeta(idle=True))
+    assert w.get_finished(set()) == (set(), {"commit#1"}, set())
+    client.go.set()
+    assert w.get_finished(set()) == (set(), {"pre#1"}, set())
+    w.shutdown()

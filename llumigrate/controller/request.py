@@ -55,6 +55,7 @@ class RequestHandle:
     first_token_at: float | None = None
     last_token_at: float | None = None
     token_times: list[float] = field(default_factory=list)  # arrival time of each delta
+    token_counts: list[int] = field(default_factory=list)   # tokens in each delta (same order)
     # Told once, when the request finishes, whatever finished it (the cluster's listener).
     on_finish: Callable[[RequestHandle], None] | None = field(default=None, repr=False)
     _queue: asyncio.Queue = field(default_factory=asyncio.Queue)
@@ -99,6 +100,7 @@ class RequestHandle:
             self.first_token_at = now
         self.last_token_at = now
         self.token_times.append(now)
+        self.token_counts.append(len(tokens))
         self.output_token_ids.extend(tokens)
         self._queue.put_nowait(StreamDelta(list(tokens), logprobs=logprobs))
         self._token_event.set()

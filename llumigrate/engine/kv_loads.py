@@ -3,7 +3,8 @@
 A load pulls a range of a source request's blocks straight into the blocks
 vLLM allocated here. Small final tails run synchronously inside the step that
 computes the request's first token (`run_sync`, before the forward); the rest
-run on one background thread while the engine keeps stepping. The engine
+run on a background thread while the engine keeps stepping (paced pre-copy
+loads on a thread of their own). The engine
 thread collects the outcomes once per step (`take_finished`); a failed
 synchronous load marks its blocks, which vLLM turns into a failed request.
 """
@@ -36,7 +37,10 @@ class LoadRunner:
         self._error_blocks: set[int] = set()
         self._done: set[str] = set()
         self._failed: set[str] = set()
+        # NOTE: paced pre-copy loads get their own thread, so that a long paced
+        # pull never holds up a commit's load (never paced) queued behind it.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llumigrate-load")
+        self._paced_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llumigrate-load-paced")
         self._stats = {"loads": 0, "loads_failed": 0, "blocks_loaded": 0}
 
     def submit(self, job: LoadJob) -> None:
@@ -46,7 +50,7 @@ class LoadRunner:
         else:
             with self._lock:
                 self._in_flight += 1
-            self._pool.submit(self._run, job)
+            (self._paced_pool if job.spec.rate_mib_s else self._pool).submit(self._run, job)
 
     @property
     def busy(self) -> bool:
@@ -78,6 +82,7 @@ class LoadRunner:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._paced_pool.shutdown(wait=False, cancel_futures=True)
 
     def _run(self, job: LoadJob) -> None:
         ok = self._load(job)

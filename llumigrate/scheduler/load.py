@@ -65,11 +65,30 @@ def growth_blocks(inst: InstanceSnapshot, horizon_tokens: int) -> int:
     return total
 
 
+def growth_shortfall(inst: InstanceSnapshot, cfg: SchedulerConfig, priority: int | None = None) -> int:
+    """Blocks `inst` lacks (beyond its spare blocks for `priority`) for the
+    growth of what runs there over `cfg.growth_horizon_tokens`: roughly what
+    vLLM will preempt there within the horizon. 0 when it has the room."""
+    return max(0, growth_blocks(inst, cfg.growth_horizon_tokens) - spare_blocks(inst, cfg, priority))
+
+
 def keeps_growth_room(inst: InstanceSnapshot, cfg: SchedulerConfig, priority: int | None = None) -> bool:
     """Whether `inst`'s spare blocks (for `priority`) cover the growth of what
-    runs there over `cfg.growth_horizon_tokens`: a request moved in (it is
-    listed in `inst`) keeps running without vLLM preempting one there."""
-    return spare_blocks(inst, cfg, priority) >= growth_blocks(inst, cfg.growth_horizon_tokens)
+    runs there: a request moved in (it is listed in `inst`) keeps running
+    without vLLM preempting one there."""
+    return growth_shortfall(inst, cfg, priority) == 0
+
+
+def move_keeps_growth_room(src_before: InstanceSnapshot, src_after: InstanceSnapshot,
+                           dst_before: InstanceSnapshot, dst_after: InstanceSnapshot,
+                           cfg: SchedulerConfig, priority: int | None = None) -> bool:
+    """Whether moving a running request (of `priority`) adds no more growth
+    shortfall at its destination than it relieves at its source: the move
+    never trades room for preemptions, while a source that must preempt may
+    still send work to a destination with less than full growth room."""
+    added = growth_shortfall(dst_after, cfg, priority) - growth_shortfall(dst_before, cfg, priority)
+    relieved = growth_shortfall(src_before, cfg) - growth_shortfall(src_after, cfg)
+    return added <= relieved
 
 
 def fits(req: RequestSnapshot, inst: InstanceSnapshot) -> bool:

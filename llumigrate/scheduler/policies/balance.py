@@ -8,12 +8,13 @@ first, on measured cost: `common.pick`) until the source is no longer below
 `migrate_out_threshold` or the concurrency limits are reached. A move is only made if, afterwards, the destination
 is still at least as free as the source and is not itself a source (a move
 never inverts the imbalance, so it never calls for a move back), and the
-destination keeps growth room for what runs there (`load.keeps_growth_room`).
+move adds no more growth shortfall at the destination than it relieves at
+the source (`load.move_keeps_growth_room`).
 """
 
 from __future__ import annotations
 
-from llumigrate.scheduler.load import freeness, keeps_growth_room
+from llumigrate.scheduler.load import freeness, move_keeps_growth_room
 from llumigrate.scheduler.plan import MigrationPlan, PlanContext, apply_plan, can_receive, can_send, may_go
 from llumigrate.scheduler.policies.common import candidates, pick
 from llumigrate.scheduler.snapshot import ClusterSnapshot, InstanceSnapshot, RequestSnapshot
@@ -54,14 +55,16 @@ def _balance_pair(snapshot: ClusterSnapshot, src_id: str, dst_id: str,
 
 
 def _improves(snapshot: ClusterSnapshot, req: RequestSnapshot, dst_id: str, ctx: PlanContext) -> bool:
-    """After the move the destination is no source, no less free than the
-    source, and keeps growth room for what runs there."""
+    """After the move the destination is no source and no less free than the
+    source, and the move adds no more growth shortfall there than it relieves
+    at the source."""
     cfg = ctx.cfg
-    src_after = snapshot[req.instance_id].without_request(req)
+    src = snapshot[req.instance_id]
+    src_after = src.without_request(req)
     dst_after = snapshot[dst_id].with_running(req)
     dst_free = freeness(dst_after, cfg)
     return (dst_free >= cfg.migrate_out_threshold and dst_free >= freeness(src_after, cfg)
-            and keeps_growth_room(dst_after, cfg))
+            and move_keeps_growth_room(src, src_after, snapshot[dst_id], dst_after, cfg))
 
 
 def _lifts_source(src: InstanceSnapshot, reqs: list[RequestSnapshot], ctx: PlanContext) -> bool:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 
-from llumigrate.scheduler.load import freeness, keeps_growth_room
+from llumigrate.scheduler.load import freeness, move_keeps_growth_room, spare_blocks
 from llumigrate.scheduler.plan import (MigrationPlan, PlanContext, Reason, apply_plan, can_send,
                                        may_go, movable)
 from llumigrate.scheduler.snapshot import ClusterSnapshot, InstanceSnapshot, RequestSnapshot, blocks_for
@@ -44,16 +44,19 @@ def best_destination(snapshot: ClusterSnapshot, req: RequestSnapshot, ctx: PlanC
     return None if best is None else best[1]
 
 
-def keeps_room(ctx: PlanContext, req: RequestSnapshot) -> DestinationCheck:
-    """A destination check: the destination still serves its own queue and
-    headroom, keeps growth room for what runs there (`load.keeps_growth_room`:
-    else the move trades room here for preemptions there), and does not
-    become a balance source."""
+def keeps_room(snapshot: ClusterSnapshot, ctx: PlanContext, req: RequestSnapshot) -> DestinationCheck:
+    """A destination check for moving running `req`: the destination still
+    serves its own queue and headroom, does not become a balance source, and
+    the move adds no more growth shortfall there than it relieves at the
+    source (`load.move_keeps_growth_room`)."""
     cfg = ctx.cfg
+    src = snapshot[req.instance_id]
+    src_after = src.without_request(req)
 
     def check(after: InstanceSnapshot) -> bool:
-        return (keeps_growth_room(after, cfg, req.priority)
-                and freeness(after, cfg) >= cfg.migrate_out_threshold)
+        return (spare_blocks(after, cfg, req.priority) >= 0
+                and freeness(after, cfg) >= cfg.migrate_out_threshold
+                and move_keeps_growth_room(src, src_after, snapshot[after.instance_id], after, cfg, req.priority))
     return check
 
 
@@ -104,7 +107,7 @@ def _free_blocks(snapshot: ClusterSnapshot, instance_id: str, need: int, ctx: Pl
     while need > 0 and can_send(snapshot[instance_id], ctx.cfg):
         src = snapshot[instance_id]
         options = [(r, d) for r in candidates(src, ctx, snapshot.now, reason, accept)
-                   if (d := best_destination(snapshot, r, ctx, reason, keeps_room(ctx, r)))]
+                   if (d := best_destination(snapshot, r, ctx, reason, keeps_room(snapshot, ctx, r)))]
         if not options:
             break
         req, dst = pick(options, ctx, lambda rs: sum(r.blocks(src.block_size) for r in rs) >= need)

@@ -10,8 +10,8 @@ it holds no KV (not started, or preempted), so this costs a re-dispatch, not
 a copy. Without the growth room the move only trades this queue for
 preemptions there. Otherwise running requests move off its
 instance (low priority first, on measured cost: `common.pick`) to instances
-that keep room for their own queue and headroom, until B blocks are free
-there. Nothing is planned when the moves could not free enough.
+that keep room for their own queue and headroom (`common.keeps_room`, which
+also weighs growth room), until B blocks are free there. Nothing is planned when the moves could not free enough.
 """
 
 from __future__ import annotations

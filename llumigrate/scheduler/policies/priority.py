@@ -5,7 +5,8 @@ An instance running or queueing a request whose priority is high
 beyond what its queue needs, so its high-priority requests grow without being
 preempted. When it has less, its normal-priority requests move away (lowest
 priority first, cheapest first) to instances that keep room for their own
-queue and headroom. High-priority requests are never moved by this policy.
+queue and headroom (`common.keeps_room`, which also weighs growth room).
+High-priority requests are never moved by this policy.
 """
 
 from __future__ import annotations
