@@ -153,8 +153,9 @@ class WorkerSide:
         few shared cores those empty steps slow the engines that do compute.
         Such an idle step waits here up to `idle_wait_s` for a load to end or
         a hold to be released; news ends the wait at once, so nothing is
-        noticed later, while a new request reaching an engine in that state
-        waits at most that long to be scheduled."""
+        noticed later. What else reaches an engine in that state (a new
+        request, an abort, a utility call such as `release`) waits at most
+        that long."""
         if self._idle_step and (self.loads.busy or self._held):
             self._news.wait(self.idle_wait_s)
         self._news.clear()
