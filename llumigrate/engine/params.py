@@ -7,7 +7,7 @@ from __future__ import annotations
 import base64
 from dataclasses import dataclass
 
-from llumigrate.migration.protocol import MIN_PRECOPY_RATE_MIB_S
+from llumigrate.migration.protocol import check_precopy_rate
 
 PARAMS_KEY = "llumigrate"
 
@@ -33,9 +33,7 @@ class LoadSpec:
     rate_mib_s: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.rate_mib_s and not self.rate_mib_s >= MIN_PRECOPY_RATE_MIB_S:
-            raise ValueError(f"rate_mib_s must be 0 (no limit) or >= {MIN_PRECOPY_RATE_MIB_S}, "
-                             f"got {self.rate_mib_s}")
+        check_precopy_rate(self.rate_mib_s, "rate_mib_s")  # ConfigError, a ValueError
 
     def to_wire(self) -> dict:
         return {"host": self.host, "port": self.port, "src_key": self.src_key,

@@ -66,6 +66,12 @@ PRECOPY_RATE_MIB_S = 1024.0
 MIN_PRECOPY_RATE_MIB_S = 128
 
 
+def check_precopy_rate(rate_mib_s: float, name: str = "precopy_rate_mib_s") -> None:
+    """Raise ConfigError unless `rate_mib_s` is 0 (no limit) or at least the minimum."""
+    if rate_mib_s and not rate_mib_s >= MIN_PRECOPY_RATE_MIB_S:
+        raise ConfigError(f"{name} must be 0 (no limit) or >= {MIN_PRECOPY_RATE_MIB_S}, got {rate_mib_s}")
+
+
 @dataclass(frozen=True)
 class MigrationConfig:
     """Knobs of one migration. Validated on construction."""
@@ -92,9 +98,7 @@ class MigrationConfig:
             raise ConfigError(
                 f"stop_threshold_blocks must be >= 0, got {self.stop_threshold_blocks}"
             )
-        if self.precopy_rate_mib_s and not self.precopy_rate_mib_s >= MIN_PRECOPY_RATE_MIB_S:
-            raise ConfigError(f"precopy_rate_mib_s must be 0 (no limit) or >= {MIN_PRECOPY_RATE_MIB_S}, "
-                              f"got {self.precopy_rate_mib_s}")
+        check_precopy_rate(self.precopy_rate_mib_s)
         for name in ("reserve", "stage", "stop", "commit", "release"):
             value = getattr(self, f"{name}_timeout_s")
             if not value > 0:
