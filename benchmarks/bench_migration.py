@@ -123,6 +123,12 @@ def _summary(rows: list[dict], contexts: list[int], rate_mib_s: float) -> dict:
         "downtime_excess_ms_precopy": {c: dt(c, "precopy") - step(c) for c in contexts},
         f"downtime_excess_ratio_{hi // 1024}k_vs_{lo}":
             (dt(hi, "precopy") - step(hi)) / (dt(lo, "precopy") - step(lo)),
+        # What a migration with no cost of its own would reach on this machine
+        # and model: a downtime of exactly one ordinary token interval (the
+        # destination's first token is one forward over the context). When a
+        # floor is above its target, no migration scheme meets the target here.
+        f"floor_downtime_ratio_{hi // 1024}k_vs_{lo}": step(hi) / step(lo),
+        f"floor_downtime_vs_stop_and_copy_{hi // 1024}k": step(hi) / dt(hi, "stop_and_copy"),
         **{f"downtime_ms_{mode}": {c: dt(c, mode) for c in contexts} for mode in MODES},
     }
 

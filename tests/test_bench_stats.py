@@ -49,3 +49,35 @@ def test_churn_summary_counts_exact_requests_per_round_and_leaks():
     assert s["decode_throughput_ratio_churn_vs_none"] == 0.85 and s["itl_p99_ratio_churn_vs_none"] == 1.5
     assert s["migrations_committed"] == 3 and s["migrations_aborted"] == 2 and s["leaked_blocks"] == 3
     assert s["downtime_p50_ms"] == 40.0
+
+
+def test_migration_summary_floors_are_one_ordinary_token_interval():
+    import bench_migration
+
+    def row(ctx, mode, downtime, step=None):
+        return {"context": ctx, "mode": mode, "state": "done", "downtime_ms": downtime,
+                "step_ms_before": step, "step_ms_during_precopy": step}
+    rows = [row(256, "precopy", 36.0, 20.0), row(8192, "precopy", 80.0, 55.0),
+            row(256, "stop_and_copy", 35.0), row(8192, "stop_and_copy", 140.0),
+            row(256, "recompute", 280.0), row(8192, "recompute", 13000.0)]
+    s = bench_migration._summary(rows, [256, 8192], 1024.0)
+    assert s["downtime_ratio_8k_vs_256"] == 80.0 / 36.0
+    # A migration costing nothing beyond one step would still see these.
+    assert s["floor_downtime_ratio_8k_vs_256"] == 55.0 / 20.0
+    assert s["floor_downtime_vs_stop_and_copy_8k"] == 55.0 / 140.0
+    assert s["downtime_excess_ms_precopy"] == {256: 16.0, 8192: 25.0}
+
+
+def test_overhead_ratios_are_of_medians_over_rounds_and_named_per_shape():
+    import bench_overhead
+
+    def row(server, tput, tpot, ttft):
+        return {"server": server, **{k: 1.0 for k in bench_overhead.KEYS},
+                "output_throughput": tput, "median_tpot_ms": tpot, "median_ttft_ms": ttft}
+    rows = [row("llumigrate", t, 20.0 + k, 100.0) for k, t in enumerate([450.0, 600.0, 620.0])]
+    rows += [row("vllm", t, 20.0, 200.0) for t in (600.0, 500.0, 700.0)]
+    s = bench_overhead.ratios(rows, "tiny_")
+    assert s == {"tiny_throughput_ratio_vs_vllm": 600.0 / 600.0, "tiny_p50_tpot_ratio_vs_vllm": 21.0 / 20.0,
+                 "tiny_p50_ttft_ratio_vs_vllm": 0.5}
+    assert set(bench_overhead.ratios(rows)) == {"throughput_ratio_vs_vllm", "p50_tpot_ratio_vs_vllm",
+                                                "p50_ttft_ratio_vs_vllm"}

@@ -121,6 +121,8 @@ def test_an_idle_step_waits_for_the_load_it_polls():
     t0 = time.monotonic()
     assert w.get_finished(set()) == (set(), {"d#1"}, set())  # waited for it
     assert client.pulls == 1 and time.monotonic() - t0 < 10  # ended by the news, not the 30 s
+    last = w.status()["last_load"]  # what the operator sees of the load: its size and time
+    assert last["blocks"] == 2 and last["ok"] and not last["sync"] and 0.15 < last["seconds"] < 10
     t0 = time.monotonic()
     assert w.get_finished(set()) == (set(), set(), set())    # idle, nothing pending: no wait
     assert time.monotonic() - t0 < 10

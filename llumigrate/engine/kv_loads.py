@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -95,6 +96,7 @@ class LoadRunner:
     def _load(self, job: LoadJob) -> bool:
         """Pull one job's blocks into this engine's blocks; False on failure."""
         ok = False
+        t0 = time.monotonic()
         try:
             assert self.client is not None, "KV caches not registered yet"
             spec = job.spec
@@ -109,6 +111,8 @@ class LoadRunner:
             logger.exception("KV load for %s crashed", job.req_id)
         with self._lock:
             self._stats["loads"] += 1
+            self._stats["last_load"] = {"blocks": len(job.dest_block_ids), "sync": job.sync,
+                                        "seconds": round(time.monotonic() - t0, 6), "ok": ok}
             if ok:
                 self._stats["blocks_loaded"] += len(job.dest_block_ids)
             else:
