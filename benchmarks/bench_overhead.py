@@ -52,6 +52,9 @@ serve.add_cli_args(p)
 result = serve.main(p.parse_args(sys.argv[1:]))
 print("RESULT " + json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float))}))
 """
+
+# Model shapes: layers, hidden, heads (half as many KV heads).
+SHAPES = {"wide": (4, 512, 8), "tiny": (2, 128, 4)}
 KEYS = ("completed", "failed", "duration", "request_throughput", "output_throughput",
         "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p99_tpot_ms", "median_e2el_ms", "p99_e2el_ms")
 
@@ -158,12 +161,14 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-# Model shapes: layers, hidden, heads (half as many KV heads).
-SHAPES = {"wide": (4, 512, 8), "tiny": (2, 128, 4)}
+
+def key_prefix(shape: str) -> str:
+    """Summary keys of the "wide" shape are the issue's own; others carry the shape's name."""
+    return "" if shape == "wide" else f"{shape}_"
 
 
-def ratios(rows: list[dict], prefix: str = "") -> dict:
-    llum, vllm = medians(rows, "llumigrate"), medians(rows, "vllm")
+def ratios(llum: dict, vllm: dict, prefix: str = "") -> dict:
+    """llumigrate over vLLM, of their medians over rounds (`medians`)."""
     return {f"{prefix}throughput_ratio_vs_vllm": ratio(llum["output_throughput"], vllm["output_throughput"]),
             f"{prefix}p50_tpot_ratio_vs_vllm": ratio(llum["median_tpot_ms"], vllm["median_tpot_ms"]),
             f"{prefix}p50_ttft_ratio_vs_vllm": ratio(llum["median_ttft_ms"], vllm["median_ttft_ms"])}
@@ -183,15 +188,15 @@ def main() -> None:
         print(f"shape {name}: {cfg.describe()}", flush=True)
         rows = [{**r, "shape": name} for r in bench(args, model, out.parent)]
         all_rows += rows
-        summary.update(ratios(rows, "" if name == "wide" else f"{name}_"))
-        shapes[name] = {"model": cfg.describe(), "llumigrate": medians(rows, "llumigrate"),
-                        "vllm": medians(rows, "vllm")}
+        llum, vllm = medians(rows, "llumigrate"), medians(rows, "vllm")
+        summary.update(ratios(llum, vllm, key_prefix(name)))
+        shapes[name] = {"model": cfg.describe(), "llumigrate": llum, "vllm": vllm}
     write_json(out, {"summary": summary, "shapes": shapes, "runs": all_rows,
                      "args": {k: (str(v) if v == float("inf") else v) for k, v in vars(args).items()}})
     plot(all_rows, out.with_suffix(".png"))
     parts = []
     for name in args.shapes:
-        pre = "" if name == "wide" else f"{name}_"
+        pre = key_prefix(name)
         parts.append(f"{name}: throughput llumigrate/vLLM {fmt(summary[pre + 'throughput_ratio_vs_vllm'], '.3f')}"
                      f" (target >= 0.95), p50 TPOT {fmt(summary[pre + 'p50_tpot_ratio_vs_vllm'], '.3f')}"
                      " (target <= 1.05)")

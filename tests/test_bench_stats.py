@@ -76,8 +76,9 @@ def test_overhead_ratios_are_of_medians_over_rounds_and_named_per_shape():
                 "output_throughput": tput, "median_tpot_ms": tpot, "median_ttft_ms": ttft}
     rows = [row("llumigrate", t, 20.0 + k, 100.0) for k, t in enumerate([450.0, 600.0, 620.0])]
     rows += [row("vllm", t, 20.0, 200.0) for t in (600.0, 500.0, 700.0)]
-    s = bench_overhead.ratios(rows, "tiny_")
+    llum, vllm = bench_overhead.medians(rows, "llumigrate"), bench_overhead.medians(rows, "vllm")
+    s = bench_overhead.ratios(llum, vllm, bench_overhead.key_prefix("tiny"))
     assert s == {"tiny_throughput_ratio_vs_vllm": 600.0 / 600.0, "tiny_p50_tpot_ratio_vs_vllm": 21.0 / 20.0,
                  "tiny_p50_ttft_ratio_vs_vllm": 0.5}
-    assert set(bench_overhead.ratios(rows)) == {"throughput_ratio_vs_vllm", "p50_tpot_ratio_vs_vllm",
-                                                "p50_ttft_ratio_vs_vllm"}
+    wide = bench_overhead.ratios(llum, vllm, bench_overhead.key_prefix("wide"))
+    assert set(wide) == {"throughput_ratio_vs_vllm", "p50_tpot_ratio_vs_vllm", "p50_ttft_ratio_vs_vllm"}

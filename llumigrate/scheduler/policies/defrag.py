@@ -11,7 +11,8 @@ a copy. Without the growth room the move only trades this queue for
 preemptions there. Otherwise running requests move off its
 instance (low priority first, on measured cost: `common.pick`) to instances
 that keep room for their own queue and headroom (`common.keeps_room`, which
-also weighs growth room), until B blocks are free there. Nothing is planned when the moves could not free enough.
+also weighs growth room), until B blocks are free there. Nothing is planned
+when the moves could not free enough.
 """
 
 from __future__ import annotations
