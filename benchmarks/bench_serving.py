@@ -49,6 +49,7 @@ from common import (
     Server,
     StatusLine,
     count_preemptions,
+    preemption_times,
     fmt,
     free_port,
     latency_stats,
@@ -126,10 +127,33 @@ def make_prompt(rng: random.Random, n: int) -> list[int]:
 
 
 # -- one run -----------------------------------------------------------------------------
-async def committed_migrations(http: aiohttp.ClientSession, base_url: str) -> dict[str, int]:
-    """llumigrate_migrations_total{outcome="committed",reason=...} on /metrics, by reason."""
+async def metrics_text(http: aiohttp.ClientSession, base_url: str) -> str:
     async with http.get(f"{base_url}/metrics") as r:
-        text = await r.text()
+        return await r.text()
+
+
+LAG = "llumigrate_event_loop_lag_seconds"
+
+
+def loop_lag(text: str) -> dict[str, float]:
+    """The serving process's event-loop lag histogram on /metrics: rounds,
+    total seconds late, and rounds more than 0.1 s / 0.25 s late."""
+    out = {"rounds": 0.0, "late_s": 0.0, "over_0.1s": 0.0, "over_0.25s": 0.0}
+    below: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(f"{LAG}_count"):
+            out["rounds"] = float(line.split()[-1])
+        elif line.startswith(f"{LAG}_sum"):
+            out["late_s"] = float(line.split()[-1])
+        elif line.startswith(f"{LAG}_bucket{{"):
+            below[line.split('le="', 1)[1].split('"', 1)[0]] = float(line.split()[-1])
+    out["over_0.1s"] = out["rounds"] - below.get("0.1", out["rounds"])
+    out["over_0.25s"] = out["rounds"] - below.get("0.25", out["rounds"])
+    return out
+
+
+def committed_migrations(text: str) -> dict[str, int]:
+    """llumigrate_migrations_total{outcome="committed",reason=...} on /metrics, by reason."""
     out: dict[str, int] = {}
     for line in text.splitlines():
         if line.startswith("llumigrate_migrations_total{") and 'outcome="committed"' in line:
@@ -176,6 +200,18 @@ async def sample_load(ctl: ControlClient, t0: float, timeline: list[dict], every
         await asyncio.sleep(every_s)
 
 
+async def record_migrations(ctl: ControlClient, t0: float, wall0: float, events: list[dict]) -> None:
+    """Every finished migration (time since the run's start, request, source,
+    destination, policy, state, milliseconds), until cancelled."""
+    async for e in ctl.watch_events(["migration_done"]):
+        d = dict(e.detail)
+        events.append({"t": round(e.timestamp - wall0, 3), "request_id": e.request_id,
+                       "source": e.instance_id, "destination": e.destination_id,
+                       "policy": d.get("policy", ""), "state": d.get("state", ""),
+                       "total_ms": float(d["total_ms"]) if d.get("total_ms") else None,
+                       "downtime_ms": float(d["downtime_ms"]) if d.get("downtime_ms") else None})
+
+
 def stranded_queue_s(timeline: list[dict]) -> float:
     """Seconds during which some instance had a queue while another had none
     (queued work that a move could have started sooner), from the samples."""
@@ -195,29 +231,39 @@ async def run_config(name: str, server: Server, ctl: ControlClient, jobs: list[J
                          thresholds=thresholds if migration else None)
     results: list[RequestResult] = []
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as http:
-        migr0, wall0, t0 = await committed_migrations(http, server.base_url), time.time(), time.perf_counter()
+        text0, wall0, t0 = await metrics_text(http, server.base_url), time.time(), time.perf_counter()
 
         def status() -> str:
             return (f"[{label} {name}] {time.perf_counter() - t0:5.0f}s  done {len(results)}/{len(jobs)}  "
                     f"failed {sum(r.error is not None for r in results)}  "
                     f"preemptions {count_preemptions(probe_dir, wall0)}")
         timeline: list[dict] = []
-        sampler = asyncio.ensure_future(sample_load(ctl, t0, timeline))
+        events: list[dict] = []
+        watchers = [asyncio.ensure_future(sample_load(ctl, t0, timeline)),
+                    asyncio.ensure_future(record_migrations(ctl, t0, wall0, events))]
         try:
             async with StatusLine(status):
                 await replay(http, server.base_url, jobs, salt, results)
         finally:
-            sampler.cancel()
-        if sampler.done() and not sampler.cancelled() and sampler.exception() is not None:
-            raise sampler.exception()
+            for w in watchers:
+                w.cancel()
+            await asyncio.gather(*watchers, return_exceptions=True)
+        for w in watchers:
+            if not w.cancelled() and w.exception() is not None:
+                raise w.exception()
         elapsed, wall1 = time.perf_counter() - t0, time.time()
-        migr1 = await committed_migrations(http, server.base_url)
+        text1 = await metrics_text(http, server.base_url)
+        migr0, migr1 = committed_migrations(text0), committed_migrations(text1)
         by_reason = {k: n - migr0.get(k, 0) for k, n in migr1.items() if n - migr0.get(k, 0)}
+        lag0, lag1 = loop_lag(text0), loop_lag(text1)
+        lag = {k: round(lag1[k] - lag0[k], 3) for k in lag1}
     return {"config": name, "label": label, "results": results, "elapsed_s": elapsed,
             "preemptions": count_preemptions(probe_dir, wall0, wall1),
             "migrations": sum(by_reason.values()), "migrations_by_reason": by_reason,
             "errors": sorted({r.error for r in results if r.error})[:5],
             "stranded_queue_s": stranded_queue_s(timeline), "timeline": timeline,
+            "migration_events": events, "serve_loop_lag": lag,
+            "preemption_times": preemption_times(probe_dir, wall0, wall1),
             "slowest_starts": [{"sent_s": round(r.sent_at - t0, 3), "ttft_s": round(r.ttft, 3),
                                 "prompt_len": r.prompt_len, "max_tokens": r.max_tokens}
                                for r in sorted((r for r in results if r.ttft is not None),
@@ -263,7 +309,7 @@ def ratio_interval(runs: list[dict], q: float = 99, samples: int = 2000, seed: i
 
 
 def summarize(per_config: dict[str, dict], runs: list[dict] | None = None) -> dict:
-    m, n, rr = per_config["migration"], per_config["no_migration"], per_config["round_robin"]
+    m, n, rr = per_config["migration"], per_config["no_migration"], per_config.get("round_robin", {})
     # Each round's own p99 TTFT ratio: the spread shows how much of a pooled
     # ratio is the shared machine's noise (a p99 of ~200 requests is ~2 requests).
     per_round = {}
@@ -272,7 +318,7 @@ def summarize(per_config: dict[str, dict], runs: list[dict] | None = None) -> di
     return {
         "p99_ttft_ratio_migration_vs_none": ratio(m["p99_ttft_ms"], n["p99_ttft_ms"]),
         "throughput_ratio_migration_vs_none": ratio(m["throughput_tok_s"], n["throughput_tok_s"]),
-        "p99_ttft_ratio_migration_vs_round_robin": ratio(m["p99_ttft_ms"], rr["p99_ttft_ms"]),
+        "p99_ttft_ratio_migration_vs_round_robin": ratio(m["p99_ttft_ms"], rr.get("p99_ttft_ms")),
         "p99_e2e_ratio_migration_vs_none": ratio(m["p99_e2e_ms"], n["p99_e2e_ms"]),
         "preemptions": {k: v["preemptions"] for k, v in per_config.items()},
         "migrations": {k: v["migrations"] for k, v in per_config.items()},
@@ -343,7 +389,7 @@ async def bench(args: argparse.Namespace, jobs: list[Job], out_dir: Path) -> lis
         await warm_up(server)
         async with ControlClient(f"127.0.0.1:{control_port}") as ctl:
             for rnd in range(args.rounds):
-                order = list(CONFIGS) if rnd % 2 == 0 else list(CONFIGS)[::-1]
+                order = args.configs if rnd % 2 == 0 else args.configs[::-1]
                 for name in order:
                     run = await run_config(name, server, ctl, jobs, 1000 * rnd + len(runs), probe_dir,
                                            f"round {rnd + 1}/{args.rounds}", args.thresholds)
@@ -352,6 +398,7 @@ async def bench(args: argparse.Namespace, jobs: list[Job], out_dir: Path) -> lis
                     print(f"[round {rnd + 1} {name}] p99 TTFT {fmt(s['p99_ttft_ms'], '.0f')} ms  "
                           f"preemptions {run['preemptions']}  migrations {run['migrations_by_reason']}  "
                           f"stranded queue {run['stranded_queue_s']:.1f}s  "
+                          f"serve loop late >0.1s x{run['serve_loop_lag']['over_0.1s']:.0f}  "
                           f"failed {s['failed']}", flush=True)
     finally:
         server.stop()
@@ -373,6 +420,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-prompt", type=int, default=768)
     p.add_argument("--max-output", type=int, default=256)
     p.add_argument("--rounds", type=int, default=2, help="each round runs every configuration once")
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
+                   help="configurations to run (migration and no_migration give the summary)")
     p.add_argument("--num-instances", type=int, default=2)
     p.add_argument("--kv-mib", type=float, default=1.5, help="KV cache per instance (MiB)")
     p.add_argument("--block-size", type=int, default=32)
@@ -382,6 +431,8 @@ def parse_args() -> argparse.Namespace:
                    help="a scheduler knob for the migration configuration (e.g. "
                         "migrate_in_threshold=2); repeatable")
     args = p.parse_args()
+    if not {"migration", "no_migration"} <= set(args.configs):
+        p.error("--configs must include migration and no_migration (the summary's ratios)")
     try:
         args.thresholds = {k: float(v) for k, v in (t.split("=", 1) for t in args.threshold)}
     except ValueError:
@@ -397,7 +448,7 @@ def main() -> None:
           f"prompt mean {sum(j.prompt_len for j in jobs) / len(jobs):.0f}, "
           f"output mean {sum(j.output_len for j in jobs) / len(jobs):.0f} tokens", flush=True)
     runs = asyncio.run(bench(args, jobs, out.parent))
-    per_config = {name: pooled([r for r in runs if r["config"] == name]) for name in CONFIGS}
+    per_config = {name: pooled([r for r in runs if r["config"] == name]) for name in args.configs}
     summary = summarize(per_config, runs)
     write_json(out, {"summary": summary, "configs": per_config, "source": TRACE_SOURCE,
                      "args": vars(args), "num_requests": len(jobs),

@@ -268,11 +268,18 @@ def preemption_probe_env(probe_dir: Path) -> dict[str, str]:
     return {"PYTHONPATH": path, "BENCH_PREEMPT_DIR": str(probe_dir)}
 
 
+def preemption_times(probe_dir: Path, t0: float = 0.0, t1: float = math.inf) -> dict[str, list[list]]:
+    """The preemptions the probe recorded in [t0, t1), per engine process (its
+    pid): [seconds after `t0`, engine request id] each."""
+    out: dict[str, list[list]] = {}
+    for f in sorted(probe_dir.glob("preempt-*.log")):
+        rows = [(float(t), rid) for t, rid in (line.split(maxsplit=1) for line in f.read_text().splitlines())]
+        kept = [[round(t - t0, 3), rid] for t, rid in rows if t0 <= t < t1]
+        if kept:
+            out[f.stem.removeprefix("preempt-")] = kept
+    return out
+
+
 def count_preemptions(probe_dir: Path, t0: float = 0.0, t1: float = math.inf) -> int:
     """Preemptions recorded by the probe with wall time in [t0, t1)."""
-    n = 0
-    for f in probe_dir.glob("preempt-*.log"):
-        for line in f.read_text().splitlines():
-            if t0 <= float(line.split()[0]) < t1:
-                n += 1
-    return n
+    return sum(len(v) for v in preemption_times(probe_dir, t0, t1).values())

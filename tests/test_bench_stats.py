@@ -1,4 +1,5 @@
-"""bench_serving's statistics (pure): the bootstrap interval of its p99 TTFT ratio."""
+"""bench_serving's statistics (pure): the bootstrap interval of its p99 TTFT ratio, and
+what it reads from /metrics."""
 
 from __future__ import annotations
 
@@ -82,3 +83,20 @@ def test_overhead_ratios_are_of_medians_over_rounds_and_named_per_shape():
                  "tiny_p50_ttft_ratio_vs_vllm": 0.5}
     wide = bench_overhead.ratios(llum, vllm, bench_overhead.key_prefix("wide"))
     assert set(wide) == {"throughput_ratio_vs_vllm", "p50_tpot_ratio_vs_vllm", "p50_ttft_ratio_vs_vllm"}
+
+
+def test_loop_lag_and_migrations_are_read_from_the_metrics_text():
+    """The scrape of a real registry: what the serve process exposes."""
+    from llumigrate.frontend.metrics import Metrics
+    m = Metrics()
+    for lag in (0.001, 0.02, 0.15, 0.3, 0.7):
+        m.observe_loop_lag(lag)
+    m.observe_migration("committed", "defrag")
+    m.observe_migration("committed", "defrag")
+    m.observe_migration("aborted", "balance")
+    text = m.render()[0].decode()
+    lag = bench_serving.loop_lag(text)
+    assert lag["rounds"] == 5 and abs(lag["late_s"] - 1.171) < 1e-9
+    assert lag["over_0.1s"] == 3 and lag["over_0.25s"] == 2
+    assert bench_serving.committed_migrations(text) == {"defrag": 2}
+    assert bench_serving.loop_lag("") == {"rounds": 0.0, "late_s": 0.0, "over_0.1s": 0.0, "over_0.25s": 0.0}

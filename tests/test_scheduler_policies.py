@@ -226,13 +226,61 @@ def test_defrag_redispatches_only_where_the_running_requests_keep_growth_room():
     assert moves(defrag(make_cluster(i0_short, i1_short), ctx(**WIDE))) == [("h", "i0", "i1")]
 
 
-def test_defrag_does_not_redispatch_into_a_queue_or_twice_in_a_row():
-    head = _queued("h", 12)
+def test_defrag_does_not_redispatch_ahead_of_a_queue_or_twice_in_a_row():
+    """A destination's free blocks must cover its own queue too: the moved
+    request delays nothing queued there."""
+    head = _queued("h", 12, max_tokens=16)
     i0 = replace(blocked(head, head=12, free=4), head_waiting_id="h")
-    queued_there = make_instance("i1", num_blocks=40, waiting_blocks=2)
+    queued_there = make_instance("i1", num_blocks=40, waiting_blocks=28)   # 40 free: 28 + 12 fit, no growth
     assert defrag(make_cluster(i0, queued_there), ctx(**WIDE)) == []
+    short_queue = make_instance("i1", num_blocks=40, waiting_blocks=20)    # 8 blocks left to grow
+    assert moves(defrag(make_cluster(i0, short_queue), ctx(**WIDE))) == [("h", "i0", "i1")]
     history = MigrationHistory().record("h", "i2", "i0", NOW - 1)  # just moved: cooling down
     assert defrag(make_cluster(i0, make_instance("i1", num_blocks=40)), ctx(history, **WIDE)) == []
+
+
+def _blocked_queue(*queued, runner_blocks: int = 26):
+    """i0 (30 blocks) runs one request of `runner_blocks` and queues `queued`
+    in that order; its head needs more than the 4 blocks free."""
+    runner = make_request("big", prompt=runner_blocks * 16, output=0, max_tokens=64)
+    demand = sum(r.blocks(16) for r in queued)
+    return make_instance("i0", runner, *queued, num_blocks=30, waiting_blocks=demand,
+                         head_blocks=queued[0].blocks(16), head_waiting_id=queued[0].request_id)
+
+
+def test_defrag_lets_requests_behind_a_blocked_head_start_elsewhere():
+    """vLLM serves its queue in order: i0's head (12 blocks) can start neither
+    there (4 free) nor on i1 (10 free), and no move makes room (i0's runner
+    does not fit i1). The small requests queued behind it start on i1 now, in
+    queue order, as far as i1 keeps growth room for them."""
+    head, s1, s2, s3 = (_queued("h", 12, max_tokens=16), _queued("s1", 3, max_tokens=16),
+                        _queued("s2", 3, max_tokens=16), _queued("s3", 3, max_tokens=16))
+    i1 = make_instance("i1", num_blocks=10)
+    plans = defrag(make_cluster(_blocked_queue(head, s1, s2, s3), i1), ctx(**WIDE))
+    # 3 blocks each and one more to grow 16 tokens: i1's 10 blocks take two.
+    assert moves(plans) == [("s1", "i0", "i1"), ("s2", "i0", "i1")]
+    assert all(p.waiting and p.reason == "defrag" for p in plans)
+    # Within the concurrency limits: one per source and destination per round.
+    assert moves(defrag(make_cluster(_blocked_queue(head, s1, s2, s3), i1), ctx())) == [("s1", "i0", "i1")]
+
+
+def test_defrag_keeps_the_queue_behind_a_head_that_room_is_made_for():
+    """When moving a running request makes room for the head, the requests
+    behind it wait for it, as vLLM would have them: nothing jumps the head."""
+    head, s1 = _queued("h", 12, max_tokens=64), _queued("s1", 2, max_tokens=16)
+    mid = make_request("mid", prompt=10 * 16, output=0, max_tokens=16)
+    i0 = _blocked_queue(head, s1, runner_blocks=10)
+    i0 = replace(i0, free_blocks=10, requests=i0.requests + (replace(mid, instance_id="i0"),))
+    # i1's 13 blocks cannot grow the head by 64 tokens (16 blocks), but take a runner (10 blocks).
+    plans = defrag(make_cluster(i0, make_instance("i1", num_blocks=13)), ctx(**WIDE))
+    assert len(plans) == 1 and plans[0].request_id in ("big", "mid") and not plans[0].waiting
+
+
+def test_defrag_moves_nothing_from_a_queue_that_is_not_blocked():
+    """A queue whose head fits is vLLM's to start: defrag leaves it alone."""
+    s1 = _queued("s1", 2, max_tokens=16)
+    i0 = _blocked_queue(s1, runner_blocks=20)            # 10 free, the head needs 2
+    assert defrag(make_cluster(i0, make_instance("i1", num_blocks=40)), ctx(**WIDE)) == []
 
 
 def test_only_defrag_moves_a_queued_request():

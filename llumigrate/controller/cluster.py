@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections import deque
 import logging
 import os
 import tempfile
@@ -61,14 +62,24 @@ def cpu_threads(num_instances: int, cores: int | None = None) -> dict[str, str]:
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, share)))}
 
 
+# A finished request stays findable (`get_request`, the control API's
+# finished requests) until this many more requests finished; migration results
+# are kept as many. Beyond that they are forgotten, so a long-running server's
+# memory and its scheduler's per-round scan of `requests` stay bounded.
+RETAIN_FINISHED = 1024
+
+
 class Cluster(FailoverSteps):
     def __init__(self, model: str, num_instances: int = 2, engine_args: list[str] | None = None,
                  *, run_dir: str | Path | None = None, migration: MigrationConfig | None = None,
                  kv_transport: str = "auto", token: str | None = None, failover: bool = True,
                  engine_spin_ms: float | None = None,
-                 listener: ClusterListener | None = None, fault: FaultHook | None = None) -> None:
+                 listener: ClusterListener | None = None, fault: FaultHook | None = None,
+                 retain_finished: int = RETAIN_FINISHED) -> None:
         if num_instances < 0:
             raise ConfigError(f"num_instances must be >= 0, got {num_instances}")
+        if retain_finished < 0:
+            raise ConfigError(f"retain_finished must be >= 0, got {retain_finished}")
         self.model = model
         self.num_instances = num_instances
         self.engine_args = list(engine_args or [])
@@ -86,7 +97,9 @@ class Cluster(FailoverSteps):
         self._submitting: set[str] = set()   # request ids whose generate call is in flight
         self._hop_tokens: dict[str, int] = {}         # request id -> tokens of its current hop
         self._ids = itertools.count()
-        self.migrations: list[MigrationResult] = []
+        self.migrations: list[MigrationResult] = []   # the latest `retain_finished`
+        self.retain_finished = retain_finished
+        self._finished: deque[RequestHandle] = deque()  # finished handles still listed, oldest first
         self._closing = False
         self._tasks: set[asyncio.Task] = set()
 
@@ -156,7 +169,7 @@ class Cluster(FailoverSteps):
         if rid in self.requests:
             raise ConfigError(f"request id {rid!r} already in use")
         h = RequestHandle(rid, list(prompt_token_ids), dict(sampling or {}), priority,
-                          inst.instance_id, on_finish=lambda h: self._notify("on_finished", h))
+                          inst.instance_id, on_finish=self._on_finished)
         self.requests[rid] = h
         self._routes[h.engine_rid] = h
         # NOTE: an instance lost while the call is in flight leaves this
@@ -214,6 +227,8 @@ class Cluster(FailoverSteps):
         if result.committed:
             h.num_migrations += 1
         self.migrations.append(result)
+        if len(self.migrations) > 2 * self.retain_finished:  # trimmed in batches: amortised O(1)
+            del self.migrations[: len(self.migrations) - self.retain_finished]
         self._notify("on_migration_done", result)
         if not h.finished and not self.instances[h.instance_id].up:
             self._lost_request(h, f"instance {h.instance_id} lost during a migration")
@@ -270,6 +285,19 @@ class Cluster(FailoverSteps):
         if msg.get("finished"):
             self._routes.pop(msg["rid"], None)
             h.finish(msg.get("reason"), msg.get("stop_reason"), msg.get("error"))
+
+    def _on_finished(self, h: RequestHandle) -> None:
+        """A request ended (once, whatever ended it): tell the listener, and
+        forget the oldest finished requests beyond `retain_finished`."""
+        self._finished.append(h)
+        while len(self._finished) > self.retain_finished:
+            old = self._finished.popleft()
+            if self.requests.get(old.request_id) is old:
+                del self.requests[old.request_id]
+                self._hop_tokens.pop(old.request_id, None)
+            if self._routes.get(old.engine_rid) is old:
+                del self._routes[old.engine_rid]
+        self._notify("on_finished", h)
 
     def _on_load(self, msg: dict) -> None:
         inst = self.instances.get(str(msg.get("instance_id")))

@@ -45,6 +45,10 @@ class Metrics:
         self.migration_downtime = Histogram("llumigrate_migration_downtime_seconds",
                                             "Time a migrating request made no progress.",
                                             buckets=_SECONDS, registry=r)
+        self.loop_lag = Histogram("llumigrate_event_loop_lag_seconds",
+                                  "How late the serving process's event loop woke the scheduler's round "
+                                  "(a busy or CPU-starved loop delays every stream and dispatch).",
+                                  buckets=_SECONDS, registry=r)
         self.requests = Counter("llumigrate_requests", "Finished HTTP requests by finish reason.",
                                 ["finish_reason"], registry=r)
         self.prompt_tokens = Counter("llumigrate_prompt_tokens", "Prompt tokens of finished requests.", registry=r)
@@ -86,6 +90,9 @@ class Metrics:
             self.migration_bytes.observe(num_bytes)
         if downtime_s is not None:
             self.migration_downtime.observe(downtime_s)
+
+    def observe_loop_lag(self, seconds: float) -> None:
+        self.loop_lag.observe(max(0.0, seconds))
 
     # -- fed by the frontend -----------------------------------------------------------
     def observe_request(self, finish_reason: str, ttft_s: float | None, e2e_s: float,

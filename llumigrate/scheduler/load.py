@@ -53,12 +53,13 @@ def accepts_work(inst: InstanceSnapshot, cfg: SchedulerConfig, now: float) -> bo
 
 
 def growth_blocks(inst: InstanceSnapshot, horizon_tokens: int) -> int:
-    """Blocks the running requests listed on `inst` take on as each generates
-    its next `horizon_tokens` tokens (fewer where it ends sooner): what vLLM,
-    which admits a request on its prompt's blocks alone, will need before it
-    must preempt one of them."""
+    """Blocks the requests listed on `inst` take on beyond their context as
+    each generates its next `horizon_tokens` tokens (fewer where it ends
+    sooner): what vLLM, which admits a request on its context's blocks alone,
+    will need before it must preempt one of them. Queued requests count as
+    they will once started (their context is the queue's demand)."""
     total = 0
-    for r in inst.running:
+    for r in inst.requests:
         remaining = r.remaining_tokens
         n = horizon_tokens if remaining is None else min(remaining, horizon_tokens)
         total += blocks_for(r.num_tokens + n, inst.block_size) - r.blocks(inst.block_size)

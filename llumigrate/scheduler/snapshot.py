@@ -129,6 +129,13 @@ class InstanceSnapshot:
                        head_waiting_blocks=head_blocks, head_waiting_id=head_id, requests=rest)
 
     @property
+    def queue(self) -> tuple[RequestSnapshot, ...]:
+        """The queued requests listed here, in vLLM's order: the head first,
+        then the others as listed (the shell lists them in queue order)."""
+        waiting = [r for r in self.requests if r.status == "waiting"]
+        return tuple(sorted(waiting, key=lambda r: r.request_id != self.head_waiting_id))
+
+    @property
     def head_waiting(self) -> RequestSnapshot | None:
         """The queued request at the head, when it is listed here."""
         return next((r for r in self.requests if r.request_id == self.head_waiting_id

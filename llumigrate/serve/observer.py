@@ -34,6 +34,10 @@ class ServeObserver(ClusterListener):
     def on_load(self, instance_id: str, load: dict) -> None:
         self.metrics.set_instance(instance_id, **{k: float(load[k]) for k in LOAD_FIGURES if k in load})
 
+    def on_loop_lag(self, seconds: float) -> None:
+        """The scheduler's round woke `seconds` later than it asked to."""
+        self.metrics.observe_loop_lag(seconds)
+
     def on_dispatch(self, handle: RequestHandle, instance_id: str) -> None:
         self.bus.emit(ev.DISPATCH, request_id=handle.request_id, instance_id=instance_id,
                       priority=str(handle.priority))

@@ -94,8 +94,11 @@ class GlobalScheduler:
                              return_exceptions=True)
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
+            t = loop.time()
             await asyncio.sleep(self.interval_s)
+            self.observer.on_loop_lag(loop.time() - t - self.interval_s)
             try:
                 self.step()
             except Exception:  # a bad round must not stop the scheduler

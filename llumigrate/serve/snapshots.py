@@ -44,14 +44,15 @@ def instance_snapshot(inst: Instance, handles: list[RequestHandle]) -> InstanceS
                     key=lambda h: h.arrival)[: max(0, num_waiting - len(preempted))]
     queue = preempted + sorted(queued + fresh, key=lambda h: h.arrival)
     waiting_ids = {id(h) for h in queue}
-    reqs = tuple(request_snapshot(h, id(h) in waiting_ids) for h in handles)
-    demand = sum(r.blocks(bs) for r, h in zip(reqs, handles) if id(h) in waiting_ids)
+    queued_snaps = tuple(request_snapshot(h, True) for h in queue)  # listed in queue order
+    reqs = queued_snaps + tuple(request_snapshot(h, False) for h in handles if id(h) not in waiting_ids)
+    demand = sum(r.blocks(bs) for r in queued_snaps)
     head = queue[0] if queue else None
     num_blocks = int(load.get("num_blocks", 0))
     return InstanceSnapshot(
         inst.instance_id, num_blocks, min(num_blocks, int(load.get("free_blocks", 0))), bs,
         int(load.get("num_running", 0)), num_waiting + len(fresh), demand,
-        request_snapshot(head, True).blocks(bs) if head else 0, inst.draining, inst.up,
+        queued_snaps[0].blocks(bs) if head else 0, inst.draining, inst.up,
         inst.migrations_in, inst.migrations_out, reqs, inst.reported_at,
         head.request_id if head else None)
 

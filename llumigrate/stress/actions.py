@@ -34,6 +34,7 @@ class ClusterFaults:
         self.kills = 0
         self.respawns: list[asyncio.Task] = []
         self._names = itertools.count(1)
+        self._fills = itertools.count()  # salts hog ids (the cluster forgets old requests)
         self._spawn_lock = asyncio.Lock()
 
     def live(self) -> list[Instance]:
@@ -90,7 +91,7 @@ class ClusterFaults:
         free = int((await inst.call("info", rpc_timeout=10))["load"]["free_blocks"])
         to_fill = (free - max(0, need - 2)) * bs
         hogs = self.hogs.setdefault(request_id, [])
-        salt = len(self.cluster.requests)
+        salt = next(self._fills)
         while to_fill > 0:
             n = min(HOG_PROMPT, to_fill)
             prompt = [3 + (k * 31 + salt * 17 + len(hogs)) % 1800 for k in range(n)]

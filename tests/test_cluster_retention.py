@@ -1,0 +1,58 @@
+"""A long-running cluster forgets old finished requests: it keeps the latest
+`retain_finished` of them findable and nothing more (fake agents)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from test_cluster_failover import FakeInstance
+
+from llumigrate.controller.cluster import Cluster
+from llumigrate.errors import ConfigError, RequestNotFound
+
+
+def _finish(c: Cluster, rid: str) -> None:
+    """The engine's last output event for `rid`'s current hop."""
+    h = c.requests[rid]
+    c._on_event({"event": "out", "rid": h.engine_rid, "tokens": [7], "finished": True, "reason": "length"})
+
+
+def test_only_the_latest_finished_requests_are_kept():
+    async def go():
+        c = Cluster("unused-model", 0, retain_finished=3)
+        c.instances = {"i0": FakeInstance("i0", True)}
+        finished_order = []
+        c.listener.on_finished = lambda h: finished_order.append(h.request_id)
+        handles = [await c.submit([1, 2, 3], {"max_tokens": 1}, request_id=f"r{k}") for k in range(6)]
+        for k in (0, 1, 2, 3, 4):
+            _finish(c, f"r{k}")
+        return c, handles, finished_order
+    c, handles, finished_order = asyncio.run(go())
+    assert finished_order == ["r0", "r1", "r2", "r3", "r4"]      # the listener hears every finish
+    assert sorted(c.requests) == ["r2", "r3", "r4", "r5"]          # 3 finished kept, r5 runs
+    assert c.get_request("r2").finished and not c.get_request("r5").finished
+    with pytest.raises(RequestNotFound):
+        c.get_request("r0")
+    assert set(c._routes) == {handles[5].engine_rid}              # only the running hop is routed
+    assert all(h.finished and h.output_token_ids == [7] for h in handles[:5])  # callers keep theirs
+
+
+def test_a_forgotten_id_may_be_used_again_and_is_not_dropped_twice():
+    async def go():
+        c = Cluster("unused-model", 0, retain_finished=1)
+        c.instances = {"i0": FakeInstance("i0", True)}
+        await c.submit([1], {"max_tokens": 1}, request_id="a")
+        _finish(c, "a")
+        await c.submit([1], {"max_tokens": 1}, request_id="b")
+        _finish(c, "b")                       # forgets the first "a"
+        again = await c.submit([1], {"max_tokens": 1}, request_id="a")
+        _finish(c, "a")                       # forgets "b"; the new "a" is the one kept
+        return c, again
+    c, again = asyncio.run(go())
+    assert list(c.requests) == ["a"] and c.requests["a"] is again
+
+
+def test_retention_must_not_be_negative():
+    with pytest.raises(ConfigError, match="retain_finished"):
+        Cluster("unused-model", 0, retain_finished=-1)
