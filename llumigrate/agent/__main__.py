@@ -42,6 +42,7 @@ async def _main(args: argparse.Namespace, engine_argv: list[str]) -> int:
     from llumigrate.engine.commands import CommandClient
     from llumigrate.engine.notify import NotifyListener
     from llumigrate.engine.runtime import EngineRuntime, parse_engine_args
+    from llumigrate.gcheap import freeze_startup_heap
 
     notify = NotifyListener()
     await notify.start()
@@ -75,6 +76,7 @@ async def _main(args: argparse.Namespace, engine_argv: list[str]) -> int:
 
     if args.exit_with_parent:
         loop.create_task(watch_parent())
+    freeze_startup_heap()  # the engine client and its imports: out of every later collection
     await stop.wait()
     await agent.server.close()  # controllers see this instance go before the engine is torn down
     runtime.shutdown()

@@ -101,6 +101,7 @@ def build_config(args: argparse.Namespace, model: str | None, engine_args: list[
 
 
 async def serve(config) -> int:
+    from llumigrate.gcheap import freeze_startup_heap
     from llumigrate.serve.service import Service
 
     service = Service(config)
@@ -111,6 +112,7 @@ async def serve(config) -> int:
     print(f"[llumigrate] starting {config.num_instances} instance(s) of {config.model} ...", flush=True)
     try:
         await service.start()
+        freeze_startup_heap()  # imports and startup state: out of every later collection
         print(f"[llumigrate] OpenAI endpoint http://{config.host}:{service.http_port}/v1  "
               f"control API {config.control_address.rsplit(':', 1)[0]}:{service.control_port}  "
               f"run dir {service.run_dir}", flush=True)

@@ -7,15 +7,15 @@ queue in order, so everything queued behind that head waits too, however
 little it needs.
 
 If another instance can start the head now and keep it running (room beyond
-its own queue and headroom for the head and for the growth of what runs
-there, see `load.growth_blocks`), the head itself
-moves there: it holds no KV (not started, or preempted), so this costs a
-re-dispatch, not a copy. Without the growth room the move only trades this
-queue for preemptions there. Otherwise running requests move off its
-instance (low priority first, on measured cost: `common.pick`) to instances
-that keep room for their own queue and headroom (`common.keeps_room`, which
-also weighs growth room), until B blocks are free there; nothing is planned
-when the moves could not free enough.
+its own queue and headroom for the head and for the growth of what is listed
+there, see `load.growth_blocks`), the head itself moves there: it holds no
+KV (not started, or preempted), so this costs a re-dispatch, not a copy.
+Without the growth room the move only trades this queue for preemptions
+there. Otherwise running requests move off its instance (low priority first,
+on measured cost: `common.pick`) to instances that keep room for their own
+queue and headroom (`common.keeps_room`, which also weighs growth room),
+until B blocks are free there; nothing is planned when the moves could not
+free enough.
 
 While the queue stays blocked, the requests behind its head that another
 instance can start now (the same test as for the head) are re-dispatched
