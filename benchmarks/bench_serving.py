@@ -200,7 +200,7 @@ async def sample_load(ctl: ControlClient, t0: float, timeline: list[dict], every
         await asyncio.sleep(every_s)
 
 
-async def record_migrations(ctl: ControlClient, t0: float, wall0: float, events: list[dict]) -> None:
+async def record_migrations(ctl: ControlClient, wall0: float, events: list[dict]) -> None:
     """Every finished migration (time since the run's start, request, source,
     destination, policy, state, milliseconds), until cancelled."""
     async for e in ctl.watch_events(["migration_done"]):
@@ -240,7 +240,7 @@ async def run_config(name: str, server: Server, ctl: ControlClient, jobs: list[J
         timeline: list[dict] = []
         events: list[dict] = []
         watchers = [asyncio.ensure_future(sample_load(ctl, t0, timeline)),
-                    asyncio.ensure_future(record_migrations(ctl, t0, wall0, events))]
+                    asyncio.ensure_future(record_migrations(ctl, wall0, events))]
         try:
             async with StatusLine(status):
                 await replay(http, server.base_url, jobs, salt, results)

@@ -273,7 +273,8 @@ def preemption_times(probe_dir: Path, t0: float = 0.0, t1: float = math.inf) -> 
     pid): [seconds after `t0`, engine request id] each."""
     out: dict[str, list[list]] = {}
     for f in sorted(probe_dir.glob("preempt-*.log")):
-        rows = [(float(t), rid) for t, rid in (line.split(maxsplit=1) for line in f.read_text().splitlines())]
+        rows = [line.split() for line in f.read_text().splitlines()]
+        rows = [(float(r[0]), r[1]) for r in rows if len(r) == 2]   # a line being written is skipped
         kept = [[round(t - t0, 3), rid] for t, rid in rows if t0 <= t < t1]
         if kept:
             out[f.stem.removeprefix("preempt-")] = kept

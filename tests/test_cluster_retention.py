@@ -56,3 +56,23 @@ def test_a_forgotten_id_may_be_used_again_and_is_not_dropped_twice():
 def test_retention_must_not_be_negative():
     with pytest.raises(ConfigError, match="retain_finished"):
         Cluster("unused-model", 0, retain_finished=-1)
+
+
+def test_a_moved_request_leaves_no_route_behind():
+    """Each hop (a migration, failover or rollback) routes its own engine
+    request id; the hop it replaces is routed no longer (its events are
+    stale), so a request that moved is forgotten as wholly as one that did not."""
+    async def go():
+        c = Cluster("unused-model", 0, retain_finished=0)
+        c.instances = {"i0": FakeInstance("i0", True), "i1": FakeInstance("i1", True)}
+        h = await c.submit([1, 2], {"max_tokens": 4}, request_id="m", instance="i0")
+        first = h.engine_rid
+        c._set_hop(h, c.instances["i1"], 1)
+        routed = set(c._routes)
+        c._on_event({"event": "out", "rid": first, "tokens": [5], "finished": False})  # stale: ignored
+        _finish(c, "m")
+        return c, h, first, routed
+    c, h, first, routed = asyncio.run(go())
+    assert routed == {h.engine_rid} and first != h.engine_rid
+    assert h.output_token_ids == [7] and h.instance_id == "i1"
+    assert c.requests == {} and c._routes == {} and c._hop_tokens == {}

@@ -226,15 +226,13 @@ def test_defrag_redispatches_only_where_the_running_requests_keep_growth_room():
     assert moves(defrag(make_cluster(i0_short, i1_short), ctx(**WIDE))) == [("h", "i0", "i1")]
 
 
-def test_defrag_does_not_redispatch_ahead_of_a_queue_or_twice_in_a_row():
-    """A destination's free blocks must cover its own queue too: the moved
-    request delays nothing queued there."""
+def test_defrag_does_not_redispatch_into_a_queue_or_twice_in_a_row():
+    """A destination with a queue of its own takes nothing, even with the
+    blocks: its engine may be held back by limits the snapshot does not show."""
     head = _queued("h", 12, max_tokens=16)
     i0 = replace(blocked(head, head=12, free=4), head_waiting_id="h")
-    queued_there = make_instance("i1", num_blocks=40, waiting_blocks=28)   # 40 free: 28 + 12 fit, no growth
+    queued_there = make_instance("i1", num_blocks=40, waiting_blocks=2)
     assert defrag(make_cluster(i0, queued_there), ctx(**WIDE)) == []
-    short_queue = make_instance("i1", num_blocks=40, waiting_blocks=20)    # 8 blocks left to grow
-    assert moves(defrag(make_cluster(i0, short_queue), ctx(**WIDE))) == [("h", "i0", "i1")]
     history = MigrationHistory().record("h", "i2", "i0", NOW - 1)  # just moved: cooling down
     assert defrag(make_cluster(i0, make_instance("i1", num_blocks=40)), ctx(history, **WIDE)) == []
 
@@ -262,6 +260,33 @@ def test_defrag_lets_requests_behind_a_blocked_head_start_elsewhere():
     assert all(p.waiting and p.reason == "defrag" for p in plans)
     # Within the concurrency limits: one per source and destination per round.
     assert moves(defrag(make_cluster(_blocked_queue(head, s1, s2, s3), i1), ctx())) == [("s1", "i0", "i1")]
+
+
+def test_defrag_goes_on_down_the_queue_while_it_stays_blocked():
+    """The head moves; the next head is blocked too and moves as well; one
+    cooling down from an earlier move stays, and blocks what is behind it,
+    which moves. Once the queue's head fits where it is, the walk stops."""
+    head, nxt, cool, small = (_queued("h", 12, max_tokens=16), _queued("n", 6, max_tokens=16),
+                              _queued("c", 6, max_tokens=16), _queued("s", 2, max_tokens=16))
+    history = MigrationHistory().record("c", "i2", "i0", NOW - 1)
+    i1 = make_instance("i1", num_blocks=40)
+    plans = defrag(make_cluster(_blocked_queue(head, nxt, cool, small), i1), ctx(history, **WIDE))
+    assert moves(plans) == [("h", "i0", "i1"), ("n", "i0", "i1"), ("s", "i0", "i1")]
+    assert all(p.waiting for p in plans)
+    # h gone, s (2 blocks) heads the queue and fits i0's 4 free: n waits behind it there.
+    plans = defrag(make_cluster(_blocked_queue(head, small, nxt), i1), ctx(history, **WIDE))
+    assert moves(plans) == [("h", "i0", "i1")]
+
+
+def test_growth_room_counts_queued_requests_once_started():
+    """A queued request's context is the queue's demand; its growth, once
+    started, is growth room the instance must also have."""
+    from llumigrate.scheduler.load import growth_blocks, growth_shortfall
+    run = make_request("r", prompt=4 * 16, output=0, max_tokens=32)            # +2 blocks
+    queued = _queued("q", 4, max_tokens=48)                                     # +3 blocks
+    inst = make_instance("i0", run, queued, num_blocks=12, waiting_blocks=4)    # 8 free, 4 claimed
+    assert growth_blocks(inst, 256) == 5 and growth_shortfall(inst, make_config()) == 1
+    assert growth_blocks(inst, 16) == 2
 
 
 def test_defrag_keeps_the_queue_behind_a_head_that_room_is_made_for():

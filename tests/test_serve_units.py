@@ -38,7 +38,7 @@ class FakeCluster:
     def request(self, rid: str, iid: str, prompt: int, output: int, **sampling) -> RequestHandle:
         h = RequestHandle(rid, list(range(prompt)), {"max_tokens": 1000, **sampling}, 0, iid)
         h.output_token_ids = list(range(output))
-        h.arrival = -1.0
+        h.arrival = h.queued_at = -1.0
         self.requests[rid] = h
         return h
 
@@ -58,7 +58,7 @@ def test_snapshot_counts_fresh_dispatches_as_waiting_demand():
     c.add("i0", free=90, running=1, reported_at=5.0)
     c.request("old", "i0", prompt=40, output=10)
     fresh = c.request("new", "i0", prompt=64, output=0)
-    fresh.arrival = 6.0  # after the last report: the engine has not counted it
+    fresh.arrival = fresh.queued_at = 6.0  # after the last report: the engine has not counted it
     snap = cluster_snapshot(c, now=6.5)["i0"]
     assert snap.num_waiting == 1 and snap.waiting_demand_blocks == 4 and snap.head_waiting_blocks == 4
     by_id = {r.request_id: r for r in snap.requests}
@@ -84,6 +84,21 @@ def test_snapshot_puts_preempted_requests_at_the_queue_head():
     assert [by_id[k].status for k in ("p1", "p2", "q")] == ["waiting"] * 3
     assert snap.head_waiting_id == "p2" and snap.head_waiting_blocks == 3
     assert snap.waiting_demand_blocks == 5 + 3 + 3 and snap.num_waiting == 3
+
+
+def test_snapshot_queues_a_redispatched_request_at_the_tail():
+    """A request re-dispatched to i0 arrived at the cluster before i0's own
+    queue did, but joined i0's queue last: it is listed last, and it counts
+    as sent after the report when it was."""
+    c = FakeCluster()
+    c.add("i0", free=2, running=1, waiting=2, reported_at=5.0)
+    c.request("run", "i0", prompt=40, output=10)
+    for rid, queued_at in (("a", 1.0), ("moved", 6.0), ("b", 2.0)):
+        c.request(rid, "i0", prompt=48, output=0).queued_at = queued_at
+    c.requests["moved"].arrival = 0.5
+    snap = cluster_snapshot(c, now=6.5)["i0"]
+    assert [r.request_id for r in snap.queue] == ["a", "b", "moved"]
+    assert snap.head_waiting_id == "a" and snap.num_waiting == 3 and snap.waiting_demand_blocks == 9
 
 
 def test_snapshot_marks_unmigratable_and_draining():
@@ -182,8 +197,11 @@ def test_freezing_the_startup_heap_hides_it_from_collections():
     try:
         frozen = freeze_startup_heap()
         assert frozen == gc.get_freeze_count() > 10_000   # this process's imports
-        later = [[n] for n in range(1000)]                 # allocated after: still collected as usual
-        assert gc.is_tracked(later[0]) and gc.get_freeze_count() == frozen
+        cycles = [[] for _ in range(1000)]                 # allocated after: still collected as usual
+        for c in cycles:
+            c.append(c)
+        del cycles, c
+        assert gc.collect() >= 1000 and gc.get_freeze_count() == frozen
     finally:
         gc.unfreeze()
     assert gc.get_freeze_count() == 0

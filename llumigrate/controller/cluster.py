@@ -22,6 +22,7 @@ from collections import deque
 import logging
 import os
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -97,7 +98,7 @@ class Cluster(FailoverSteps):
         self._submitting: set[str] = set()   # request ids whose generate call is in flight
         self._hop_tokens: dict[str, int] = {}         # request id -> tokens of its current hop
         self._ids = itertools.count()
-        self.migrations: list[MigrationResult] = []   # the latest `retain_finished`
+        self.migrations: list[MigrationResult] = []   # the latest (at least `retain_finished`)
         self.retain_finished = retain_finished
         self._finished: deque[RequestHandle] = deque()  # finished handles still listed, oldest first
         self._closing = False
@@ -255,7 +256,10 @@ class Cluster(FailoverSteps):
 
     # -- internals ---------------------------------------------------------------
     def _set_hop(self, h: RequestHandle, inst: Instance, hop: int) -> None:
+        if self._routes.get(h.engine_rid) is h:  # the old hop's events are stale from now on
+            del self._routes[h.engine_rid]
         h.hop, h.instance_id, h.hop_error = hop, inst.instance_id, None
+        h.queued_at = time.monotonic()
         self._hop_tokens[h.request_id] = 0
         self._routes[h.engine_rid] = h
 

@@ -52,6 +52,9 @@ class RequestHandle:
     # Tokens a failover replay will produce again: checked and not re-streamed.
     replay_expected: list[int] = field(default_factory=list)
     arrival: float = field(default_factory=time.monotonic)
+    # When it joined its current instance's queue: arrival, then each new hop
+    # (an engine queues a new hop behind what it already has).
+    queued_at: float | None = None
     first_token_at: float | None = None
     last_token_at: float | None = None
     token_times: list[float] = field(default_factory=list)  # arrival time of each delta
@@ -72,6 +75,8 @@ class RequestHandle:
 
     # -- fed by the controller ---------------------------------------------------
     def __post_init__(self) -> None:
+        if self.queued_at is None:
+            self.queued_at = self.arrival
         if self.output_logprobs is None and self.sampling.get("logprobs") is not None:
             self.output_logprobs = []
 

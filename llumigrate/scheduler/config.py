@@ -48,9 +48,9 @@ class SchedulerConfig:
     cooldown_s: float = 10.0         # a migrated request is not moved again this soon
     no_return_s: float = 60.0        # ... nor back to where it came from this soon
     min_remaining_tokens: int = 8    # not worth moving a request this close to its end
-    # Growth room: blocks the running requests need to generate this many
-    # more tokens each (or up to their max_tokens). A queued head is
-    # re-dispatched only where it and what runs there have all of it; a
+    # Growth room: blocks the running and queued requests need to generate
+    # this many more tokens each (or up to their max_tokens). A queued request
+    # is re-dispatched only where it and what is there have all of it; a
     # running request moved by balance or to make room may add no more
     # shortfall of it at its destination than it relieves at its source.
     growth_horizon_tokens: int = 256

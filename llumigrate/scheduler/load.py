@@ -68,15 +68,16 @@ def growth_blocks(inst: InstanceSnapshot, horizon_tokens: int) -> int:
 
 def growth_shortfall(inst: InstanceSnapshot, cfg: SchedulerConfig, priority: int | None = None) -> int:
     """Blocks `inst` lacks (beyond its spare blocks for `priority`) for the
-    growth of what runs there over `cfg.growth_horizon_tokens`: roughly what
-    vLLM will preempt there within the horizon. 0 when it has the room."""
+    growth of what runs or queues there over `cfg.growth_horizon_tokens`:
+    roughly what vLLM will preempt there within the horizon. 0 when it has
+    the room."""
     return max(0, growth_blocks(inst, cfg.growth_horizon_tokens) - spare_blocks(inst, cfg, priority))
 
 
 def keeps_growth_room(inst: InstanceSnapshot, cfg: SchedulerConfig, priority: int | None = None) -> bool:
     """Whether `inst`'s spare blocks (for `priority`) cover the growth of what
-    runs there: a request moved in (it is listed in `inst`) keeps running
-    without vLLM preempting one there."""
+    runs or queues there: a request moved in (it is listed in `inst`) keeps
+    running without vLLM preempting one there."""
     return growth_shortfall(inst, cfg, priority) == 0
 
 

@@ -98,8 +98,8 @@ class GlobalScheduler:
         while True:
             t = loop.time()
             await asyncio.sleep(self.interval_s)
-            self.observer.on_loop_lag(loop.time() - t - self.interval_s)
             try:
+                self.observer.on_loop_lag(loop.time() - t - self.interval_s)
                 self.step()
             except Exception:  # a bad round must not stop the scheduler
                 logger.exception("scheduler round failed")

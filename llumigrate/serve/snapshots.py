@@ -33,16 +33,17 @@ def instance_snapshot(inst: Instance, handles: list[RequestHandle]) -> InstanceS
     bs = int(inst.info.get("block_size") or DEFAULT_BLOCK_SIZE)
     # vLLM's queue, head first: the requests it preempted (re-queued at the
     # head, holding no blocks; the engine lists them), then those not started
-    # yet, oldest first: among the engine's reported waiting count, or
-    # dispatched after the last report (the engine could not count them).
+    # yet, in the order they joined this instance's queue (a re-dispatched
+    # request joins at the tail): among the engine's reported waiting count,
+    # or sent after the last report (the engine could not count them).
     order = {rid: n for n, rid in enumerate(load.get("preempted") or ())}
     preempted = sorted((h for h in handles if h.engine_rid in order), key=lambda h: order[h.engine_rid])
     rest = [h for h in handles if h.engine_rid not in order and not h.output_token_ids]
-    fresh = [h for h in rest if h.arrival > inst.reported_at]
+    fresh = [h for h in rest if h.queued_at > inst.reported_at]
     num_waiting = int(load.get("num_waiting", 0))
-    queued = sorted((h for h in rest if h.arrival <= inst.reported_at),
-                    key=lambda h: h.arrival)[: max(0, num_waiting - len(preempted))]
-    queue = preempted + sorted(queued + fresh, key=lambda h: h.arrival)
+    queued = sorted((h for h in rest if h.queued_at <= inst.reported_at),
+                    key=lambda h: h.queued_at)[: max(0, num_waiting - len(preempted))]
+    queue = preempted + sorted(queued + fresh, key=lambda h: h.queued_at)
     waiting_ids = {id(h) for h in queue}
     queued_snaps = tuple(request_snapshot(h, True) for h in queue)  # listed in queue order
     reqs = queued_snaps + tuple(request_snapshot(h, False) for h in handles if id(h) not in waiting_ids)

@@ -6,20 +6,21 @@ its instance has fewer free, while other instances have room. vLLM serves its
 queue in order, so everything queued behind that head waits too, however
 little it needs.
 
-If another instance can start the head now and keep it running (room beyond
-its own queue and headroom for the head and for the growth of what is listed
-there, see `load.growth_blocks`), the head itself moves there: it holds no
-KV (not started, or preempted), so this costs a re-dispatch, not a copy.
-Without the growth room the move only trades this queue for preemptions
-there. Otherwise running requests move off its instance (low priority first,
-on measured cost: `common.pick`) to instances that keep room for their own
-queue and headroom (`common.keeps_room`, which also weighs growth room),
-until B blocks are free there; nothing is planned when the moves could not
-free enough.
+If another instance with no queue of its own can start the head now and
+keep it running (room beyond its headroom for the head and for the growth
+of what is listed there, see `load.growth_blocks`), the head itself moves
+there: it holds no KV (not started, or preempted), so this costs a
+re-dispatch, not a copy. Without the growth room the move only trades this
+queue for preemptions there. Otherwise running requests move off its
+instance (low priority first, on measured cost: `common.pick`) to instances
+that keep room for their own queue and headroom (`common.keeps_room`, which
+also weighs growth room), until B blocks are free there; nothing is planned
+when the moves could not free enough.
 
 While the queue stays blocked, the requests behind its head that another
 instance can start now (the same test as for the head) are re-dispatched
-there, in queue order: they jump a head that could not use that room anyway.
+there, in queue order: they jump a head that did not fit there, or may not
+move now (cooling down, just came from there, not migratable).
 """
 
 from __future__ import annotations
@@ -32,12 +33,17 @@ from llumigrate.scheduler.snapshot import ClusterSnapshot, InstanceSnapshot, Req
 
 def defrag(snapshot: ClusterSnapshot, ctx: PlanContext) -> list[MigrationPlan]:
     plans: list[MigrationPlan] = []
+    # Destinations with a queue of their own take nothing: blocks aside, an
+    # engine may be held back by limits the snapshot does not show (its
+    # sequence limit, its token budget). This round's own re-dispatches do
+    # not count as such a queue.
+    unqueued = {i.instance_id for i in snapshot.instances if i.waiting_demand_blocks == 0}
     blocked = [i for i in snapshot.instances
                if not i.draining and can_send(i, ctx.cfg) and _is_blocked(i)]
     # The most starved head first: it has the most to gain.
     for inst in sorted(blocked, key=lambda i: (i.free_blocks - i.head_waiting_blocks, i.instance_id)):
         iid, head = inst.instance_id, inst.head_waiting
-        dst = _starts_now(snapshot, head, ctx) if head is not None else None
+        dst = _starts_now(snapshot, head, ctx, unqueued) if head is not None else None
         if dst is not None:
             room = [ctx.plan(head, dst, "defrag")]
         else:
@@ -47,12 +53,15 @@ def defrag(snapshot: ClusterSnapshot, ctx: PlanContext) -> list[MigrationPlan]:
             plans.append(plan)
         if room and dst is None:
             continue  # the head starts once the moves land, and the rest of the queue after it
-        for req in snapshot[iid].queue:  # behind the head, or a new head that may be blocked too
+        # The rest of the queue while it stays blocked: behind a head that
+        # could not move, or behind the next head once it did.
+        tried = head.request_id if head is not None and dst is None else None
+        for req in snapshot[iid].queue:
             if not _is_blocked(snapshot[iid]) or not can_send(snapshot[iid], ctx.cfg):
                 break
-            dst = _starts_now(snapshot, req, ctx)
-            if dst is not None:
-                plans.append(ctx.plan(req, dst, "defrag"))
+            to = _starts_now(snapshot, req, ctx, unqueued) if req.request_id != tried else None
+            if to is not None:
+                plans.append(ctx.plan(req, to, "defrag"))
                 snapshot = apply_plan(snapshot, plans[-1])
     return plans
 
@@ -63,13 +72,14 @@ def _is_blocked(inst: InstanceSnapshot) -> bool:
     return inst.head_waiting_blocks > inst.free_blocks
 
 
-def _starts_now(snapshot: ClusterSnapshot, req: RequestSnapshot, ctx: PlanContext) -> str | None:
-    """An instance where queued `req` would start at once and keep growing,
-    if any: its free blocks cover its own queue (which `req` does not delay)
-    and `req`, with growth room for `req` and what runs there."""
+def _starts_now(snapshot: ClusterSnapshot, req: RequestSnapshot, ctx: PlanContext,
+                unqueued: set[str]) -> str | None:
+    """An instance of `unqueued` where queued `req` would start at once and
+    keep growing, if any: its spare blocks cover `req`, what this round
+    already sent there, and the growth of all of it and of what runs there."""
     if not movable(req, ctx, snapshot.now, "defrag"):
         return None
 
-    def check(after: InstanceSnapshot) -> bool:  # its spare blocks cover its queue and the growth
-        return keeps_growth_room(after, ctx.cfg, req.priority)
+    def check(after: InstanceSnapshot) -> bool:
+        return after.instance_id in unqueued and keeps_growth_room(after, ctx.cfg, req.priority)
     return best_destination(snapshot, req, ctx, "defrag", check)
