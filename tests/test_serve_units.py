@@ -201,7 +201,8 @@ def test_freezing_the_startup_heap_hides_it_from_collections():
         for c in cycles:
             c.append(c)
         del cycles, c
-        assert gc.collect() >= 1000 and gc.get_freeze_count() == frozen
+        # (frozen objects freed by reference counting leave the frozen count)
+        assert gc.collect() >= 1000 and gc.get_freeze_count() <= frozen
     finally:
         gc.unfreeze()
     assert gc.get_freeze_count() == 0
