@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections import deque
 import logging
 import os
 import tempfile
 import time
 import uuid
+from collections import deque
 from pathlib import Path
 from typing import Any
 

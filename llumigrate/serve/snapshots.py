@@ -48,12 +48,12 @@ def instance_snapshot(inst: Instance, handles: list[RequestHandle]) -> InstanceS
     queued_snaps = tuple(request_snapshot(h, True) for h in queue)  # listed in queue order
     reqs = queued_snaps + tuple(request_snapshot(h, False) for h in handles if id(h) not in waiting_ids)
     demand = sum(r.blocks(bs) for r in queued_snaps)
-    head = queue[0] if queue else None
+    head = queued_snaps[0] if queued_snaps else None
     num_blocks = int(load.get("num_blocks", 0))
     return InstanceSnapshot(
         inst.instance_id, num_blocks, min(num_blocks, int(load.get("free_blocks", 0))), bs,
         int(load.get("num_running", 0)), num_waiting + len(fresh), demand,
-        queued_snaps[0].blocks(bs) if head else 0, inst.draining, inst.up,
+        head.blocks(bs) if head else 0, inst.draining, inst.up,
         inst.migrations_in, inst.migrations_out, reqs, inst.reported_at,
         head.request_id if head else None)
 

@@ -47,7 +47,8 @@ def defrag(snapshot: ClusterSnapshot, ctx: PlanContext) -> list[MigrationPlan]:
         if dst is not None:
             room = [ctx.plan(head, dst, "defrag")]
         else:
-            room = make_room(snapshot, iid, inst.head_waiting_blocks - inst.free_blocks, ctx, "defrag")
+            cur = snapshot[iid]  # as the plans of more starved instances left it
+            room = make_room(snapshot, iid, cur.head_waiting_blocks - cur.free_blocks, ctx, "defrag")
         for plan in room:
             snapshot = apply_plan(snapshot, plan)
             plans.append(plan)
