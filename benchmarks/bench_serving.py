@@ -17,6 +17,7 @@ One `llumigrate serve` (2 instances) serves every configuration; the policy
 is switched over the control API between runs, once the instances are idle:
 
     migration      least-load dispatch + drain, priority, defrag, balance
+    no_balance     the same without balance (an ablation; not run by default)
     no_migration   least-load dispatch, no migration policy
     round_robin    round-robin dispatch, no migration policy
 
@@ -71,9 +72,11 @@ TRACE_SOURCE = ("Azure LLM inference trace 2023, conversation (AzureLLMInference
 ALL_MIGRATION = ["drain", "priority", "defrag", "balance"]
 CONFIGS = {  # name -> (dispatch policy, migration policies)
     "migration": ("least-load", ALL_MIGRATION),
+    "no_balance": ("least-load", [m for m in ALL_MIGRATION if m != "balance"]),
     "no_migration": ("least-load", []),
     "round_robin": ("round-robin", []),
 }
+DEFAULT_CONFIGS = ["migration", "no_migration", "round_robin"]
 
 
 @dataclass(frozen=True)
@@ -420,7 +423,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-prompt", type=int, default=768)
     p.add_argument("--max-output", type=int, default=256)
     p.add_argument("--rounds", type=int, default=2, help="each round runs every configuration once")
-    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=DEFAULT_CONFIGS,
                    help="configurations to run (migration and no_migration give the summary)")
     p.add_argument("--num-instances", type=int, default=2)
     p.add_argument("--kv-mib", type=float, default=1.5, help="KV cache per instance (MiB)")

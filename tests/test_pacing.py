@@ -27,7 +27,7 @@ class FakeClock:
 
 def test_pacer_holds_the_average_rate():
     clock = FakeClock()
-    p = Pacer(1000, clock=clock, sleep=clock.sleep)
+    p = Pacer(1000, burst_s=1.0, clock=clock, sleep=clock.sleep)
     p.spent(500)                 # copied instantly: wait until t = 0.5
     assert clock.sleeps == [pytest.approx(0.5)]
     clock.now += 0.8             # a slow piece: 500 more bytes due at 1.0, already past
@@ -36,6 +36,28 @@ def test_pacer_holds_the_average_rate():
     p.spent(1000)                # due at 2.0, now 1.3
     assert clock.sleeps[-1] == pytest.approx(0.7)
     assert clock.now == pytest.approx(2.0) and p.slept_s == pytest.approx(1.2)
+
+
+def test_catching_up_is_capped_at_the_burst():
+    clock = FakeClock()
+    p = Pacer(1000, burst_s=0.1, clock=clock, sleep=clock.sleep)
+    p.spent(100)                 # due at 0.1
+    assert clock.now == pytest.approx(0.1)
+    clock.now += 2.0             # stalled 2 s: only 0.1 s (100 bytes) of it is credit
+    p.spent(100)                 # within the credit: no sleep
+    assert len(clock.sleeps) == 1
+    p.spent(300)                 # the rest runs at the rate again: 300 bytes, 0.3 s
+    assert clock.sleeps[-1] == pytest.approx(0.3)
+    # Without a cap the 2 s stall would have let 2000 bytes through unpaced.
+    uncapped = FakeClock()
+    q = Pacer(1000, burst_s=float("inf"), clock=uncapped, sleep=uncapped.sleep)
+    q.spent(100)
+    uncapped.now += 2.0
+    q.spent(100)
+    q.spent(300)
+    assert len(uncapped.sleeps) == 1
+    with pytest.raises(ValueError):
+        Pacer(1000, burst_s=-1)
 
 
 def test_unlimited_pacer_never_sleeps():
