@@ -4,6 +4,7 @@ snapshots from controller state, policy changes, migration rounds."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 
@@ -188,6 +189,19 @@ def test_engine_spin_reaches_the_agents_command_line():
     assert serve.build_config(serve.parse([]), None, []).engine_spin_ms is None
     assert instance.parse(["--engine-spin-ms", "0"]).engine_spin_ms == 0.0
     assert spin_args(None) == [] and spin_args(0) == ["--engine-spin-ms", "0.0"]
+
+
+def test_retain_finished_reaches_the_cluster(tmp_path):
+    from llumigrate.cli import serve
+    from llumigrate.controller.cluster import RETAIN_FINISHED
+    from llumigrate.serve.service import Service
+    assert serve.build_config(serve.parse([]), None, []).retain_finished == RETAIN_FINISHED
+    config = serve.build_config(serve.parse(["--num-instances", "0", "--retain-finished", "7"]), None, [])
+    assert config.retain_finished == 7
+    service = Service(replace(config, port=0, control_address="127.0.0.1:0", run_dir=str(tmp_path)))
+    assert service.cluster.retain_finished == 7
+    with pytest.raises(ConfigError, match="retain_finished"):
+        replace(config, retain_finished=-1)
 
 
 def test_freezing_the_startup_heap_hides_it_from_collections():

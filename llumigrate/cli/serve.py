@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable
 
 from llumigrate.control.server import DEFAULT_ADDRESS
+from llumigrate.controller.cluster import RETAIN_FINISHED
 from llumigrate.errors import ConfigError
 from llumigrate.migration.protocol import MigrationConfig
 from llumigrate.scheduler import DEFAULT_INTERVAL_S, DISPATCH_POLICIES, MIGRATION_POLICIES, SchedulerConfig
@@ -49,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "is never paced)")
     p.add_argument("--no-failover", action="store_true", help="fail a lost instance's requests")
     p.add_argument("--kv-transport", default="auto", choices=["auto", "shm", "tcp"])
+    p.add_argument("--retain-finished", type=int, default=RETAIN_FINISHED,
+                   help="finished requests (and migration results) kept listed on the control API "
+                        "after they end, the latest first to stay")
     add_engine_spin(p)
     p.add_argument("--log-level", default="info")
 
@@ -97,7 +101,8 @@ def build_config(args: argparse.Namespace, model: str | None, engine_args: list[
         migration=MigrationConfig(max_precopy_stages=args.precopy_stages,
                                   precopy_rate_mib_s=args.precopy_rate_mib_s),
         interval_s=args.scheduler_interval, failover=not args.no_failover,
-        kv_transport=args.kv_transport, engine_spin_ms=args.engine_spin_ms, log_level=args.log_level)
+        kv_transport=args.kv_transport, engine_spin_ms=args.engine_spin_ms,
+        retain_finished=args.retain_finished, log_level=args.log_level)
 
 
 async def serve(config) -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from llumigrate.control.events import EventBus
 from llumigrate.control.server import DEFAULT_ADDRESS, ControlServer, ControlServerConfig
-from llumigrate.controller.cluster import Cluster
+from llumigrate.controller.cluster import RETAIN_FINISHED, Cluster
 from llumigrate.errors import ConfigError
 from llumigrate.frontend.app import build_app
 from llumigrate.frontend.metrics import Metrics
@@ -52,12 +52,15 @@ class ServeConfig:
     failover: bool = True
     kv_transport: str = "auto"
     engine_spin_ms: float | None = None  # None: the agents' default (2 ms on CPU hosts)
+    retain_finished: int = RETAIN_FINISHED  # finished requests kept listed
     run_dir: str | None = None
     log_level: str = "info"
 
     def __post_init__(self) -> None:
         if self.num_instances < 0:
             raise ConfigError(f"num_instances must be >= 0, got {self.num_instances}")
+        if self.retain_finished < 0:
+            raise ConfigError(f"retain_finished must be >= 0, got {self.retain_finished}")
         if not is_loopback(self.host) and not self.api_key:
             raise ConfigError(f"serving HTTP on {self.host} needs --api-key "
                               "(only loopback is served without one)")
@@ -73,7 +76,8 @@ class Service:
                                run_dir=config.run_dir, migration=config.migration,
                                kv_transport=config.kv_transport, token=config.token,
                                failover=config.failover, listener=self.observer,
-                               engine_spin_ms=config.engine_spin_ms)
+                               engine_spin_ms=config.engine_spin_ms,
+                               retain_finished=config.retain_finished)
         self.scheduler = GlobalScheduler(self.cluster, config.scheduler, self.observer,
                                          interval_s=config.interval_s)
         self.control = ControlServer(ClusterControlBackend(self.scheduler, self.bus),
