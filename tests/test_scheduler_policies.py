@@ -144,18 +144,29 @@ def test_defrag_frees_room_for_the_head_of_line_request():
 
 
 def test_moves_of_running_requests_trade_no_room_for_preemptions():
-    """Balancing and making room move a running request only if the move adds
-    no more growth shortfall at the destination (blocks its running requests
-    lack to grow `growth_horizon_tokens`) than it relieves at the source."""
-    # The source's requests are near their end (9 tokens left): its spare
-    # blocks cover their growth, so moving one relieves nothing; i1's runner
-    # (16 blocks, no max_tokens) grows 16 blocks within 256 tokens, 14 free.
-    ending = [make_request(f"i0r{k}", prompt=128, output=k, max_tokens=k + 9) for k in range(10)]
-    src = make_instance("i0", *ending, waiting_blocks=4)                       # freeness 0.7
-    dst = make_instance("i1", make_request("r", prompt=16 * 16, output=0), num_blocks=30, num_running=1)
-    assert balance(make_cluster(src, dst), ctx(**WIDE)) == []                 # i1 would preempt
-    assert moves(balance(make_cluster(src, dst), ctx(growth_horizon_tokens=16, **WIDE))) \
-        == [("i0r0", "i0", "i1")]                                            # 1 block of growth fits
+    """Balance moves a running request only if the move saves preemptions:
+    it relieves more growth shortfall (blocks the requests lack to grow
+    `growth_horizon_tokens`) at the source than it adds at the destination.
+    Making room moves one only if it adds no more than it relieves."""
+    # i0 is below the threshold (18 spare for 21 running) but its spare covers
+    # the growth of all of it: 20 short requests that end within their block,
+    # and m (8 blocks) that grows 16 more. A move would save nothing.
+    short = [make_request(f"s{k}", prompt=7, output=0, max_tokens=9) for k in range(20)]
+    m = make_request("m", prompt=128, output=0, max_tokens=256)
+    calm = make_instance("i0", *short, m, num_blocks=46)                       # freeness 18/21
+    assert balance(make_cluster(calm, make_instance("i1", num_blocks=60)), ctx(**WIDE)) == []
+    # Proactive balancing (the knob at 0) evens out freeness with moves that add nothing.
+    assert balance(make_cluster(calm, make_instance("i1", num_blocks=60)),
+                   ctx(balance_min_relief_blocks=0, **WIDE))
+    # i0 must preempt: a and b grow 16 blocks each and its queue claims 20 of 14 free.
+    a, b = (make_request(x, prompt=128, output=0, max_tokens=256) for x in "ab")
+    src = make_instance("i0", a, b, num_blocks=30, waiting_blocks=20)
+    roomy = make_instance("i1", make_request("r", prompt=64, output=0), num_blocks=60)
+    assert moves(balance(make_cluster(src, roomy), ctx(**WIDE))) == [("a", "i0", "i1")]
+    # i1's runner (no max_tokens) grows 16 blocks of its 16 free: a's growth
+    # there would only move the shortfall from i0 to i1.
+    tight = make_instance("i1", make_request("r", prompt=64, output=0), num_blocks=20)
+    assert balance(make_cluster(src, tight), ctx(**WIDE)) == []
     # A blocked head's instance must preempt anyway: sending b where it can
     # grow only partly still relieves more than it adds.
     a, b, c = (make_request(x, prompt=n * 16, output=0, max_tokens=500) for x, n in (("a", 2), ("b", 10), ("c", 14)))

@@ -51,9 +51,14 @@ class SchedulerConfig:
     # Growth room: blocks the running and queued requests need to generate
     # this many more tokens each (or up to their max_tokens). A queued request
     # is re-dispatched only where it and what is there have all of it; a
-    # running request moved by balance or to make room may add no more
-    # shortfall of it at its destination than it relieves at its source.
+    # running request moved to make room may add no more shortfall of it at
+    # its destination than it relieves at its source.
     growth_horizon_tokens: int = 256
+    # A balance move must relieve at least this many blocks of that shortfall
+    # in all (at its source, less what it adds at its destination): it saves
+    # preemptions, or it is not worth its copy. 0 also allows moves that only
+    # even out freeness (proactive balancing, as in Llumnix).
+    balance_min_relief_blocks: int = 1
     stale_report_s: float | None = None  # older reports: instance takes no new work
     seed: int = 0                    # power-of-two's sampling
 
@@ -71,7 +76,8 @@ class SchedulerConfig:
                               f"hysteresis); got {self.migrate_in_threshold} <= "
                               f"{self.migrate_out_threshold}")
         for name in ("high_priority_headroom_blocks", "max_migrations_out", "max_migrations_in",
-                     "max_balance_pairs", "min_remaining_tokens", "growth_horizon_tokens", "cooldown_s"):
+                     "max_balance_pairs", "min_remaining_tokens", "growth_horizon_tokens", "cooldown_s",
+                     "balance_min_relief_blocks"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.no_return_s < self.cooldown_s:

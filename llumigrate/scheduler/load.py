@@ -81,6 +81,18 @@ def keeps_growth_room(inst: InstanceSnapshot, cfg: SchedulerConfig, priority: in
     return growth_shortfall(inst, cfg, priority) == 0
 
 
+def growth_relief(src_before: InstanceSnapshot, src_after: InstanceSnapshot,
+                  dst_before: InstanceSnapshot, dst_after: InstanceSnapshot,
+                  cfg: SchedulerConfig, priority: int | None = None) -> int:
+    """Growth shortfall a move of a running request (of `priority`) relieves
+    at its source minus what it adds at its destination: the blocks vLLM
+    would preempt for within the horizon that the move saves, in all.
+    Negative when the move trades room for preemptions."""
+    added = growth_shortfall(dst_after, cfg, priority) - growth_shortfall(dst_before, cfg, priority)
+    relieved = growth_shortfall(src_before, cfg) - growth_shortfall(src_after, cfg)
+    return relieved - added
+
+
 def move_keeps_growth_room(src_before: InstanceSnapshot, src_after: InstanceSnapshot,
                            dst_before: InstanceSnapshot, dst_after: InstanceSnapshot,
                            cfg: SchedulerConfig, priority: int | None = None) -> bool:
@@ -88,9 +100,7 @@ def move_keeps_growth_room(src_before: InstanceSnapshot, src_after: InstanceSnap
     shortfall at its destination than it relieves at its source: the move
     never trades room for preemptions, while a source that must preempt may
     still send work to a destination with less than full growth room."""
-    added = growth_shortfall(dst_after, cfg, priority) - growth_shortfall(dst_before, cfg, priority)
-    relieved = growth_shortfall(src_before, cfg) - growth_shortfall(src_after, cfg)
-    return added <= relieved
+    return growth_relief(src_before, src_after, dst_before, dst_after, cfg, priority) >= 0
 
 
 def fits(req: RequestSnapshot, inst: InstanceSnapshot) -> bool:

@@ -8,13 +8,18 @@ first, on measured cost: `common.pick`) until the source is no longer below
 `migrate_out_threshold` or the concurrency limits are reached. A move is only made if, afterwards, the destination
 is still at least as free as the source and is not itself a source (a move
 never inverts the imbalance, so it never calls for a move back), and the
-move adds no more growth shortfall at the destination than it relieves at
-the source (`load.move_keeps_growth_room`).
+move pays for itself: it relieves at least `balance_min_relief_blocks` (1)
+more growth shortfall at the source than it adds at the destination
+(`load.growth_relief`), i.e. it saves vLLM preempting within the horizon. A
+source whose spare blocks cover the growth of all it holds is left alone
+however low its freeness: a move would cost a copy (and the request's blocks
+held on both ends while it runs) and save nothing. With the knob at 0,
+balance also evens out freeness alone, as long as no move adds shortfall.
 """
 
 from __future__ import annotations
 
-from llumigrate.scheduler.load import freeness, move_keeps_growth_room
+from llumigrate.scheduler.load import freeness, growth_relief
 from llumigrate.scheduler.plan import MigrationPlan, PlanContext, apply_plan, can_receive, can_send, may_go
 from llumigrate.scheduler.policies.common import candidates, pick
 from llumigrate.scheduler.snapshot import ClusterSnapshot, InstanceSnapshot, RequestSnapshot
@@ -56,15 +61,15 @@ def _balance_pair(snapshot: ClusterSnapshot, src_id: str, dst_id: str,
 
 def _improves(snapshot: ClusterSnapshot, req: RequestSnapshot, dst_id: str, ctx: PlanContext) -> bool:
     """After the move the destination is no source and no less free than the
-    source, and the move adds no more growth shortfall there than it relieves
-    at the source."""
+    source, and the move relieves at least `balance_min_relief_blocks` more
+    growth shortfall at the source than it adds at the destination."""
     cfg = ctx.cfg
     src = snapshot[req.instance_id]
     src_after = src.without_request(req)
     dst_after = snapshot[dst_id].with_running(req)
     dst_free = freeness(dst_after, cfg)
     return (dst_free >= cfg.migrate_out_threshold and dst_free >= freeness(src_after, cfg)
-            and move_keeps_growth_room(src, src_after, snapshot[dst_id], dst_after, cfg))
+            and growth_relief(src, src_after, snapshot[dst_id], dst_after, cfg) >= cfg.balance_min_relief_blocks)
 
 
 def _lifts_source(src: InstanceSnapshot, reqs: list[RequestSnapshot], ctx: PlanContext) -> bool:
