@@ -57,6 +57,9 @@ async def _migrated(cluster, prompt, sampling, hops: list[tuple[int, str]], cfg=
 def _assert_clean(loop, cluster, baseline):
     after = loop.run(_free_blocks(cluster))
     assert after == baseline, f"free blocks {after} != baseline {baseline}"
+    # No migration in flight is left holding its destination's blocks in the
+    # scheduler's view (serve/snapshots.py), whatever its outcome.
+    assert {i: inst.incoming for i, inst in cluster.instances.items() if inst.incoming} == {}
     assert shm.list_segments() == [] or all(
         not os.path.exists(f"/proc/{s.split('-')[1]}") for s in shm.list_segments())
 

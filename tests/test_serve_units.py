@@ -102,6 +102,28 @@ def test_snapshot_queues_a_redispatched_request_at_the_tail():
     assert snap.head_waiting_id == "a" and snap.num_waiting == 3 and snap.waiting_demand_blocks == 9
 
 
+def test_blocks_of_a_migration_in_flight_are_not_free_at_its_destination():
+    """From the start of a migration until it commits, its destination's
+    engine cannot count the blocks the request will take there: the
+    snapshot does, so that dispatch and other moves do not count on them."""
+    c = FakeCluster()
+    c.add("i0", free=25)
+    c.add("i1", free=30)
+    c.request("m", "i0", prompt=100, output=12)               # 112 tokens: 7 blocks
+    c.instances["i1"].incoming["m"] = 7
+    c.instances["i1"].incoming["gone"] = 40                     # more than is free: none left
+    assert cluster_snapshot(c, now=1.0)["i1"].free_blocks == 0
+    del c.instances["i1"].incoming["gone"]
+    snap = cluster_snapshot(c, now=1.0)
+    assert snap["i1"].free_blocks == 23 and snap["i0"].free_blocks == 25
+    # i1 reports more free blocks, but 7 of them are m's: new work goes to i0.
+    async def choose() -> str:
+        return GlobalScheduler(c, SchedulerConfig(), FakeObserver()).choose()
+    assert asyncio.run(choose()) == "i0"
+    c.requests["m"].instance_id = "i1"                          # committed: listed at i1 now
+    assert cluster_snapshot(c, now=1.0)["i1"].free_blocks == 30
+
+
 def test_snapshot_marks_unmigratable_and_draining():
     c = FakeCluster()
     c.add("i0", free=50).draining = True

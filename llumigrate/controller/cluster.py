@@ -216,6 +216,8 @@ class Cluster(FailoverSteps):
         src.migrations_out += 1
         dst.migrations_in += 1
         rid, s_id, d_id = h.request_id, src.instance_id, dst.instance_id
+        bs = int(dst.info.get("block_size") or 16)
+        dst.incoming[rid] = -(-len(h.all_token_ids) // bs)   # spoken for until it lands
         try:
             result = await Coordinator(
                 h, src, dst, config or self.migration_config, self._set_hop,
@@ -225,6 +227,7 @@ class Cluster(FailoverSteps):
             h.migrating = False
             src.migrations_out -= 1
             dst.migrations_in -= 1
+            dst.incoming.pop(rid, None)
         if result.committed:
             h.num_migrations += 1
         self.migrations.append(result)

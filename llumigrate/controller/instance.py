@@ -35,6 +35,9 @@ class Instance:
     reported_at: float = 0.0     # event-loop time of that report
     migrations_in: int = 0       # migrations in flight to / from here
     migrations_out: int = 0
+    # Migrations in flight to here, not committed yet: request id -> the blocks
+    # its context will take here. Its engine cannot count them yet.
+    incoming: dict[str, int] = field(default_factory=dict)
 
     @property
     def kv_address(self) -> tuple[str, int]:

@@ -3,7 +3,10 @@
 Load figures come from each instance's latest pushed report. Requests come
 from the controller's own handles, which know more than a report does: a
 request dispatched after the last report is counted as waiting demand there
-even though the engine has not said so yet.
+even though the engine has not said so yet, and the blocks of a migration in
+flight to an instance are not free there: from the moment it is started
+until it commits (the request is then listed there), so that neither
+dispatch nor another migration counts on them meanwhile.
 """
 
 from __future__ import annotations
@@ -50,8 +53,11 @@ def instance_snapshot(inst: Instance, handles: list[RequestHandle]) -> InstanceS
     demand = sum(r.blocks(bs) for r in queued_snaps)
     head = queued_snaps[0] if queued_snaps else None
     num_blocks = int(load.get("num_blocks", 0))
+    listed = {h.request_id for h in handles}
+    spoken_for = sum(n for rid, n in inst.incoming.items() if rid not in listed)
+    free = max(0, min(num_blocks, int(load.get("free_blocks", 0))) - spoken_for)
     return InstanceSnapshot(
-        inst.instance_id, num_blocks, min(num_blocks, int(load.get("free_blocks", 0))), bs,
+        inst.instance_id, num_blocks, free, bs,
         int(load.get("num_running", 0)), num_waiting + len(fresh), demand,
         head.blocks(bs) if head else 0, inst.draining, inst.up,
         inst.migrations_in, inst.migrations_out, reqs, inst.reported_at,
