@@ -205,24 +205,33 @@ async def sample_load(ctl: ControlClient, t0: float, timeline: list[dict], every
 
 async def record_migrations(ctl: ControlClient, wall0: float, events: list[dict]) -> None:
     """Every finished migration (time since the run's start, request, source,
-    destination, policy, state, milliseconds), until cancelled."""
+    destination, policy, state, why it aborted, milliseconds), until cancelled."""
     async for e in ctl.watch_events(["migration_done"]):
         d = dict(e.detail)
         events.append({"t": round(e.timestamp - wall0, 3), "request_id": e.request_id,
                        "source": e.instance_id, "destination": e.destination_id,
                        "policy": d.get("policy", ""), "state": d.get("state", ""),
+                       "reason": d.get("reason", ""),
                        "total_ms": float(d["total_ms"]) if d.get("total_ms") else None,
                        "downtime_ms": float(d["downtime_ms"]) if d.get("downtime_ms") else None})
 
 
-def stranded_queue_s(timeline: list[dict]) -> float:
+def stranded_queue_s(timeline: list[dict], min_s: float = 0.3) -> float:
     """Seconds during which some instance had a queue while another had none
-    (queued work that a move could have started sooner), from the samples."""
-    total = 0.0
+    (queued work that a move could have started sooner), from the samples.
+    Only stretches lasting `min_s` or more count: a request that just arrived
+    waits for the engine's next step anyway."""
+    total, start = 0.0, None
     for a, b in zip(timeline, timeline[1:]):
         waiting = [w for _, w, _ in a["instances"].values()]
-        if len(waiting) > 1 and max(waiting) > 0 and min(waiting) == 0:
-            total += b["t"] - a["t"]
+        stranded = len(waiting) > 1 and max(waiting) > 0 and min(waiting) == 0
+        if stranded and start is None:
+            start = a["t"]
+        elif not stranded and start is not None:
+            total += a["t"] - start if a["t"] - start >= min_s else 0.0
+            start = None
+    if start is not None and timeline[-1]["t"] - start >= min_s:
+        total += timeline[-1]["t"] - start
     return total
 
 

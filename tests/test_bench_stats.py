@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_serving  # noqa: E402
@@ -100,3 +102,16 @@ def test_loop_lag_and_migrations_are_read_from_the_metrics_text():
     assert lag["over_0.1s"] == 3 and lag["over_0.25s"] == 2
     assert bench_serving.committed_migrations(text) == {"defrag": 2}
     assert bench_serving.loop_lag("") == {"rounds": 0.0, "late_s": 0.0, "over_0.1s": 0.0, "over_0.25s": 0.0}
+
+
+def test_stranded_queue_counts_only_queues_that_persist():
+    def sample(t, w0, w1):
+        return {"t": t, "instances": {"i0": [1, w0, 4], "i1": [1, w1, 30]}}
+    timeline = [sample(0.0, 0, 0),
+                sample(0.1, 1, 0), sample(0.2, 0, 0),                     # one step's wait: not counted
+                sample(0.3, 2, 0), sample(0.4, 2, 0), sample(0.5, 1, 0),
+                sample(0.6, 1, 0), sample(0.7, 0, 0),                     # 0.4 s stranded
+                sample(0.8, 1, 1), sample(0.9, 0, 0),                     # both queued: not stranded
+                sample(1.0, 0, 3), sample(1.2, 0, 3), sample(1.5, 0, 3)]  # to the end: 0.5 s
+    assert bench_serving.stranded_queue_s(timeline) == pytest.approx(0.9)
+    assert bench_serving.stranded_queue_s(timeline, min_s=0.0) == pytest.approx(1.0)
