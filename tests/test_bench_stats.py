@@ -115,3 +115,13 @@ def test_stranded_queue_counts_only_queues_that_persist():
                 sample(1.0, 0, 3), sample(1.2, 0, 3), sample(1.5, 0, 3)]  # to the end: 0.5 s
     assert bench_serving.stranded_queue_s(timeline) == pytest.approx(0.9)
     assert bench_serving.stranded_queue_s(timeline, min_s=0.0) == pytest.approx(1.0)
+
+
+def test_round_geomean_weighs_each_round_once():
+    geo, (lo, hi) = bench_serving.round_geomean([0.5, 0.5, 0.5, 2.0], samples=500)
+    assert geo == pytest.approx((0.5 ** 3 * 2.0) ** 0.25)
+    assert lo <= geo <= hi and lo >= 0.5 and hi <= 2.0
+    steady, _ = bench_serving.round_geomean([0.8] * 6)
+    assert steady == pytest.approx(0.8)
+    assert bench_serving.round_geomean([0.8] * 6, samples=200)[1] == [0.8, 0.8]
+    assert bench_serving.round_geomean([]) is None
