@@ -269,8 +269,11 @@ def test_defrag_lets_requests_behind_a_blocked_head_start_elsewhere():
     # 3 blocks each and one more to grow 16 tokens: i1's 10 blocks take two.
     assert moves(plans) == [("s1", "i0", "i1"), ("s2", "i0", "i1")]
     assert all(p.waiting and p.reason == "defrag" for p in plans)
-    # Within the concurrency limits: one per source and destination per round.
-    assert moves(defrag(make_cluster(_blocked_queue(head, s1, s2, s3), i1), ctx())) == [("s1", "i0", "i1")]
+    # A re-dispatch copies nothing: the migration concurrency limits (1 in,
+    # 1 out by default), even when taken by copies in flight, do not hold it back.
+    busy = replace(_blocked_queue(head, s1, s2, s3), migrations_out=1)
+    assert moves(defrag(make_cluster(busy, replace(i1, migrations_in=1)), ctx())) \
+        == [("s1", "i0", "i1"), ("s2", "i0", "i1")]
 
 
 def test_defrag_goes_on_down_the_queue_while_it_stays_blocked():
@@ -310,6 +313,10 @@ def test_defrag_keeps_the_queue_behind_a_head_that_room_is_made_for():
     # i1's 13 blocks cannot grow the head by 64 tokens (16 blocks), but take a runner (10 blocks).
     plans = defrag(make_cluster(i0, make_instance("i1", num_blocks=13)), ctx(**WIDE))
     assert len(plans) == 1 and plans[0].request_id in ("big", "mid") and not plans[0].waiting
+    # i0's migration slot is taken by a copy in flight: the room waits for it,
+    # and the queue behind the head still waits for the head.
+    busy = make_cluster(replace(i0, migrations_out=1), make_instance("i1", num_blocks=13))
+    assert defrag(busy, ctx(max_migrations_out=1, max_migrations_in=4)) == []
 
 
 def test_defrag_moves_nothing_from_a_queue_that_is_not_blocked():

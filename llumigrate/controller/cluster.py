@@ -213,8 +213,11 @@ class Cluster(FailoverSteps):
         if dst.draining:
             raise MigrationRefused(f"destination {dst.instance_id} is draining")
         h.migrating = True
-        src.migrations_out += 1
-        dst.migrations_in += 1
+        # A request not started yet has no KV to copy: its move takes no
+        # migration slot (scheduler.plan.needs_slot).
+        slot = 1 if h.output_token_ids else 0
+        src.migrations_out += slot
+        dst.migrations_in += slot
         rid, s_id, d_id = h.request_id, src.instance_id, dst.instance_id
         bs = int(dst.info.get("block_size") or 16)
         dst.incoming[rid] = -(-len(h.all_token_ids) // bs)   # spoken for until it lands
@@ -225,8 +228,8 @@ class Cluster(FailoverSteps):
                 fault=self.fault, on_source_lost=self._failover if self.failover else None).run()
         finally:
             h.migrating = False
-            src.migrations_out -= 1
-            dst.migrations_in -= 1
+            src.migrations_out -= slot
+            dst.migrations_in -= slot
             dst.incoming.pop(rid, None)
         if result.committed:
             h.num_migrations += 1

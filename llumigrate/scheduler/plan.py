@@ -53,21 +53,29 @@ def apply_plan(snapshot: ClusterSnapshot, plan: MigrationPlan) -> ClusterSnapsho
     migrating, so no later plan of the same round moves it again."""
     src, dst = snapshot[plan.source], snapshot[plan.destination]
     req = next(r for r in src.requests if r.request_id == plan.request_id)
-    if req.status == "waiting":
-        src, dst = src.without_waiting(req), dst.with_waiting(replace(req, migrating=True))
-    else:
-        src, dst = src.without_request(req), dst.with_running(replace(req, migrating=True))
+    if req.status == "waiting":  # a re-dispatch copies nothing: no migration slot
+        return snapshot.with_instances(src.without_waiting(req), dst.with_waiting(replace(req, migrating=True)))
+    src, dst = src.without_request(req), dst.with_running(replace(req, migrating=True))
     src = replace(src, migrations_out=src.migrations_out + 1)
     dst = replace(dst, migrations_in=dst.migrations_in + 1)
     return snapshot.with_instances(src, dst)
 
 
 def can_send(inst: InstanceSnapshot, cfg: SchedulerConfig) -> bool:
+    """Whether `inst` may start another copy out (`max_migrations_out`)."""
     return inst.up and inst.migrations_out < cfg.max_migrations_out
 
 
 def can_receive(inst: InstanceSnapshot, cfg: SchedulerConfig, now: float) -> bool:
+    """Whether `inst` may take another copy in (`max_migrations_in`)."""
     return accepts_work(inst, cfg, now) and inst.migrations_in < cfg.max_migrations_in
+
+
+def needs_slot(req: RequestSnapshot) -> bool:
+    """Whether moving `req` copies KV and so counts against the concurrency
+    limits. A queued request holds no KV: re-dispatching it is an abort on
+    one engine and a submit on another, however many run at once."""
+    return req.status == "running"
 
 
 def movable(req: RequestSnapshot, ctx: PlanContext, now: float, reason: Reason) -> bool:
@@ -93,7 +101,9 @@ def may_go(req: RequestSnapshot, dst: InstanceSnapshot, ctx: PlanContext, now: f
     """Whether `dst` may receive `req`: another instance that accepts
     migrations, has the blocks, and (except to drain) is not where `req`
     just came from."""
-    if dst.instance_id == req.instance_id or not can_receive(dst, ctx.cfg, now) or not fits(req, dst):
+    if dst.instance_id == req.instance_id or not fits(req, dst):
+        return False
+    if not (can_receive(dst, ctx.cfg, now) if needs_slot(req) else accepts_work(dst, ctx.cfg, now)):
         return False
     back = ctx.history.returning(req.request_id, dst.instance_id, now, ctx.cfg.no_return_s)
     return reason == "drain" or not back
@@ -105,6 +115,6 @@ def admissible(snapshot: ClusterSnapshot, plan: MigrationPlan, ctx: PlanContext)
         return False
     src = snapshot[plan.source]
     req = next((r for r in src.requests if r.request_id == plan.request_id), None)
-    return (req is not None and can_send(src, ctx.cfg)
+    return (req is not None and src.up and (can_send(src, ctx.cfg) or not needs_slot(req))
             and movable(req, ctx, snapshot.now, plan.reason)
             and may_go(req, snapshot[plan.destination], ctx, snapshot.now, plan.reason))

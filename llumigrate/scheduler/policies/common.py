@@ -90,8 +90,7 @@ def make_room(snapshot: ClusterSnapshot, instance_id: str, need: int, ctx: PlanC
     aside, would free all of `need`: partial room does not start the request."""
     def holding(r: RequestSnapshot) -> bool:  # a queued request holds no blocks to free
         return r.status == "running" and accept(r)
-    unlimited = replace(ctx, cfg=replace(ctx.cfg, max_migrations_out=_NO_LIMIT, max_migrations_in=_NO_LIMIT))
-    dry_run = _free_blocks(snapshot, instance_id, need, unlimited, reason, holding)
+    dry_run = _free_blocks(snapshot, instance_id, need, without_limits(ctx), reason, holding)
     freed = sum(blocks_for(p.num_tokens, snapshot[instance_id].block_size) for p in dry_run)
     if freed < need:
         return []
@@ -99,6 +98,11 @@ def make_room(snapshot: ClusterSnapshot, instance_id: str, need: int, ctx: PlanC
 
 
 _NO_LIMIT = 1 << 30
+
+
+def without_limits(ctx: PlanContext) -> PlanContext:
+    """`ctx` with no migration concurrency limits: what could be done at all."""
+    return replace(ctx, cfg=replace(ctx.cfg, max_migrations_out=_NO_LIMIT, max_migrations_in=_NO_LIMIT))
 
 
 def _free_blocks(snapshot: ClusterSnapshot, instance_id: str, need: int, ctx: PlanContext,

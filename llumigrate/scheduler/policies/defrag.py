@@ -21,13 +21,18 @@ While the queue stays blocked, the requests behind its head that another
 instance can start now (the same test as for the head) are re-dispatched
 there, in queue order: they jump a head that did not fit there, or may not
 move now (cooling down, just came from there, not migratable).
+
+A re-dispatch copies nothing, so it takes no migration slot
+(`plan.needs_slot`): a blocked queue drains to other instances in one round,
+not one request per round trip. Moves of running requests to make room are
+held to the concurrency limits.
 """
 
 from __future__ import annotations
 
 from llumigrate.scheduler.load import keeps_growth_room
-from llumigrate.scheduler.plan import MigrationPlan, PlanContext, apply_plan, can_send, movable
-from llumigrate.scheduler.policies.common import best_destination, make_room
+from llumigrate.scheduler.plan import MigrationPlan, PlanContext, apply_plan, movable
+from llumigrate.scheduler.policies.common import best_destination, make_room, without_limits
 from llumigrate.scheduler.snapshot import ClusterSnapshot, InstanceSnapshot, RequestSnapshot
 
 
@@ -38,8 +43,7 @@ def defrag(snapshot: ClusterSnapshot, ctx: PlanContext) -> list[MigrationPlan]:
     # sequence limit, its token budget). This round's own re-dispatches do
     # not count as such a queue.
     unqueued = {i.instance_id for i in snapshot.instances if i.waiting_demand_blocks == 0}
-    blocked = [i for i in snapshot.instances
-               if not i.draining and can_send(i, ctx.cfg) and _is_blocked(i)]
+    blocked = [i for i in snapshot.instances if i.up and not i.draining and _is_blocked(i)]
     # The most starved head first: it has the most to gain.
     for inst in sorted(blocked, key=lambda i: (i.free_blocks - i.head_waiting_blocks, i.instance_id)):
         iid, head = inst.instance_id, inst.head_waiting
@@ -48,7 +52,10 @@ def defrag(snapshot: ClusterSnapshot, ctx: PlanContext) -> list[MigrationPlan]:
             room = [ctx.plan(head, dst, "defrag")]
         else:
             cur = snapshot[iid]  # as the plans of more starved instances left it
-            room = make_room(snapshot, iid, cur.head_waiting_blocks - cur.free_blocks, ctx, "defrag")
+            need = cur.head_waiting_blocks - cur.free_blocks
+            room = make_room(snapshot, iid, need, ctx, "defrag")
+            if not room and make_room(snapshot, iid, need, without_limits(ctx), "defrag"):
+                continue  # room can be made once a migration slot frees: nothing jumps the head
         for plan in room:
             snapshot = apply_plan(snapshot, plan)
             plans.append(plan)
@@ -58,7 +65,7 @@ def defrag(snapshot: ClusterSnapshot, ctx: PlanContext) -> list[MigrationPlan]:
         # could not move, or behind the next head once it did.
         tried = head.request_id if head is not None and dst is None else None
         for req in snapshot[iid].queue:
-            if not _is_blocked(snapshot[iid]) or not can_send(snapshot[iid], ctx.cfg):
+            if not _is_blocked(snapshot[iid]):
                 break
             to = _starts_now(snapshot, req, ctx, unqueued) if req.request_id != tried else None
             if to is not None:
