@@ -109,11 +109,11 @@ def test_blocks_of_a_migration_in_flight_are_not_free_at_its_destination():
     c = FakeCluster()
     c.add("i0", free=25)
     c.add("i1", free=30)
-    c.request("m", "i0", prompt=100, output=12)               # 112 tokens: 7 blocks
-    c.instances["i1"].incoming["m"] = 7
-    c.instances["i1"].incoming["gone"] = 40                     # more than is free: none left
+    m = c.request("m", "i0", prompt=100, output=12)           # 112 tokens: 7 blocks
+    big = RequestHandle("big", list(range(640)), {}, 0, "i0")   # 40 blocks: more than is free
+    c.instances["i1"].incoming.update(m=m, big=big)
     assert cluster_snapshot(c, now=1.0)["i1"].free_blocks == 0
-    del c.instances["i1"].incoming["gone"]
+    del c.instances["i1"].incoming["big"]
     snap = cluster_snapshot(c, now=1.0)
     assert snap["i1"].free_blocks == 23 and snap["i0"].free_blocks == 25
     # i1 reports more free blocks, but 7 of them are m's: new work goes to i0.

@@ -219,8 +219,7 @@ class Cluster(FailoverSteps):
         src.migrations_out += slot
         dst.migrations_in += slot
         rid, s_id, d_id = h.request_id, src.instance_id, dst.instance_id
-        bs = int(dst.info.get("block_size") or 16)
-        dst.incoming[rid] = -(-len(h.all_token_ids) // bs)   # spoken for until it lands
+        dst.incoming[rid] = h   # its blocks there are spoken for until it lands (serve/snapshots.py)
         try:
             result = await Coordinator(
                 h, src, dst, config or self.migration_config, self._set_hop,

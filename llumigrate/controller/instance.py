@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from llumigrate.agent.rpc import RpcClient
+from llumigrate.controller.request import RequestHandle
 from llumigrate.errors import InstanceLost
 
 
@@ -35,9 +36,9 @@ class Instance:
     reported_at: float = 0.0     # event-loop time of that report
     migrations_in: int = 0       # migrations in flight to / from here
     migrations_out: int = 0
-    # Migrations in flight to here, not committed yet: request id -> the blocks
-    # its context will take here. Its engine cannot count them yet.
-    incoming: dict[str, int] = field(default_factory=dict)
+    # Requests a migration is bringing here, by id: until it commits, they are
+    # listed on their source and this engine cannot count their blocks yet.
+    incoming: dict[str, RequestHandle] = field(default_factory=dict)
 
     @property
     def kv_address(self) -> tuple[str, int]:

@@ -16,6 +16,7 @@ from llumigrate.controller.instance import Instance
 from llumigrate.controller.request import RequestHandle
 from llumigrate.errors import MigrationRefused
 from llumigrate.scheduler import ClusterSnapshot, InstanceSnapshot, RequestSnapshot
+from llumigrate.scheduler.snapshot import blocks_for
 
 DEFAULT_BLOCK_SIZE = 16
 
@@ -53,8 +54,8 @@ def instance_snapshot(inst: Instance, handles: list[RequestHandle]) -> InstanceS
     demand = sum(r.blocks(bs) for r in queued_snaps)
     head = queued_snaps[0] if queued_snaps else None
     num_blocks = int(load.get("num_blocks", 0))
-    listed = {h.request_id for h in handles}
-    spoken_for = sum(n for rid, n in inst.incoming.items() if rid not in listed)
+    spoken_for = sum(blocks_for(len(h.all_token_ids), bs) for h in inst.incoming.values()
+                     if h.instance_id != inst.instance_id)
     free = max(0, min(num_blocks, int(load.get("free_blocks", 0))) - spoken_for)
     return InstanceSnapshot(
         inst.instance_id, num_blocks, free, bs,

@@ -88,19 +88,28 @@ def make_room(snapshot: ClusterSnapshot, instance_id: str, need: int, ctx: PlanC
     where `keeps_room` holds, chosen by `pick`, within the concurrency limits
     (the rest is for later rounds). Plans nothing unless the moves, limits
     aside, would free all of `need`: partial room does not start the request."""
+    return plan_room(snapshot, instance_id, need, ctx, reason, accept) or []
+
+
+def plan_room(snapshot: ClusterSnapshot, instance_id: str, need: int, ctx: PlanContext,
+              reason: Reason, accept: Callable[[RequestSnapshot], bool] = lambda r: True,
+              ) -> list[MigrationPlan] | None:
+    """`make_room`, telling its two empty answers apart: None when the moves,
+    limits aside, could not free all of `need`; [] when they could, but the
+    concurrency limits hold every one of them back this round."""
     def holding(r: RequestSnapshot) -> bool:  # a queued request holds no blocks to free
         return r.status == "running" and accept(r)
-    dry_run = _free_blocks(snapshot, instance_id, need, without_limits(ctx), reason, holding)
+    dry_run = _free_blocks(snapshot, instance_id, need, _without_limits(ctx), reason, holding)
     freed = sum(blocks_for(p.num_tokens, snapshot[instance_id].block_size) for p in dry_run)
     if freed < need:
-        return []
+        return None
     return _free_blocks(snapshot, instance_id, need, ctx, reason, holding)
 
 
 _NO_LIMIT = 1 << 30
 
 
-def without_limits(ctx: PlanContext) -> PlanContext:
+def _without_limits(ctx: PlanContext) -> PlanContext:
     """`ctx` with no migration concurrency limits: what could be done at all."""
     return replace(ctx, cfg=replace(ctx.cfg, max_migrations_out=_NO_LIMIT, max_migrations_in=_NO_LIMIT))
 

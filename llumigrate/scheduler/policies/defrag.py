@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from llumigrate.scheduler.load import keeps_growth_room
 from llumigrate.scheduler.plan import MigrationPlan, PlanContext, apply_plan, movable
-from llumigrate.scheduler.policies.common import best_destination, make_room, without_limits
+from llumigrate.scheduler.policies.common import best_destination, plan_room
 from llumigrate.scheduler.snapshot import ClusterSnapshot, InstanceSnapshot, RequestSnapshot
 
 
@@ -52,10 +52,10 @@ def defrag(snapshot: ClusterSnapshot, ctx: PlanContext) -> list[MigrationPlan]:
             room = [ctx.plan(head, dst, "defrag")]
         else:
             cur = snapshot[iid]  # as the plans of more starved instances left it
-            need = cur.head_waiting_blocks - cur.free_blocks
-            room = make_room(snapshot, iid, need, ctx, "defrag")
-            if not room and make_room(snapshot, iid, need, without_limits(ctx), "defrag"):
+            planned = plan_room(snapshot, iid, cur.head_waiting_blocks - cur.free_blocks, ctx, "defrag")
+            if planned == []:
                 continue  # room can be made once a migration slot frees: nothing jumps the head
+            room = planned or []
         for plan in room:
             snapshot = apply_plan(snapshot, plan)
             plans.append(plan)
