@@ -108,6 +108,24 @@ def test_unmovable_requests_are_skipped(flag):
     assert plan_migrations(snap, make_config(**WIDE)) == []
 
 
+@pytest.mark.parametrize("left, rate, margin, moved", [
+    (30, 100.0, 2.0, False),   # ~20 tokens while it migrates: 30 < 2 x 20, it likely ends first
+    (50, 100.0, 2.0, True),    # 50 >= 40: worth the copy
+    (30, None, 2.0, True),     # rate not measured yet: only min_remaining_tokens (8) applies
+    (30, 100.0, 0.0, True),    # margin 0: only min_remaining_tokens
+])
+def test_a_request_that_would_finish_while_it_migrates_is_not_moved(left, rate, margin, moved):
+    """The cost model puts a migration at 0.2 s; at 100 tokens/s a request
+    generates ~20 tokens meanwhile. With fewer than `end_margin` times that
+    left, it would likely finish on its source before the stop."""
+    cost = MigrationCostModel(prior_fixed_s=0.2, prior_per_token_s=0.0)
+    reqs = [replace(make_request(f"r{k}", prompt=128, output=16, max_tokens=16 + left),
+                    decode_tokens_per_s=rate) for k in range(10)]
+    snap = make_cluster(make_instance("i0", *reqs, free=5, num_running=10), make_instance("i1"))
+    plans = plan_migrations(snap, make_config(end_margin=margin, **WIDE), cost=cost)
+    assert bool(plans) == moved
+
+
 # -- concurrency limits ---------------------------------------------------------------------
 def test_source_at_its_limit_sends_nothing():
     snap = make_cluster(overloaded(migrations_out=1), make_instance("i1"))

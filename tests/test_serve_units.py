@@ -68,6 +68,25 @@ def test_snapshot_counts_fresh_dispatches_as_waiting_demand():
     assert by_id["new"].status == "waiting" and snap.head_waiting_id == "new"
 
 
+def test_snapshot_carries_each_running_request_s_recent_decode_rate():
+    """How fast a request generates where it runs now: tokens over the time
+    spanned by its last deltas (16 by default), not its lifetime average,
+    which a stall or an earlier hop would skew. None until measurable."""
+    c = FakeCluster()
+    c.add("i0", free=90, running=2, reported_at=5.0)
+    slow_then_fast = c.request("r", "i0", prompt=40, output=0)
+    for t, n in [(0.0, 1), (10.0, 1)] + [(10.0 + 0.01 * k, 1) for k in range(1, 16)]:
+        slow_then_fast.token_times.append(t)
+        slow_then_fast.token_counts.append(n)
+    slow_then_fast.output_token_ids = list(range(17))
+    just_started = c.request("s", "i0", prompt=40, output=1)
+    just_started.token_times, just_started.token_counts = [4.0], [1]
+    by_id = {r.request_id: r for r in cluster_snapshot(c, now=6.0)["i0"].requests}
+    assert by_id["r"].decode_tokens_per_s == pytest.approx(15 / 0.15)  # the last 16 deltas
+    assert slow_then_fast.decode_rate(window=17) == pytest.approx(16 / 10.15)
+    assert by_id["s"].decode_tokens_per_s is None
+
+
 def test_snapshot_puts_preempted_requests_at_the_queue_head():
     """vLLM re-queues a preempted request at the head, holding no blocks: the
     engine lists it (newest first) and the snapshot counts it as waiting

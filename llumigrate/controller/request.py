@@ -73,6 +73,15 @@ class RequestHandle:
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
+    def decode_rate(self, window: int = 16) -> float | None:
+        """Tokens per second over its last `window` deltas (None before two):
+        how fast it is generating now, where it runs now."""
+        k = min(window, len(self.token_times))
+        if k < 2:
+            return None
+        elapsed = self.token_times[-1] - self.token_times[-k]
+        return sum(self.token_counts[-k + 1:]) / elapsed if elapsed > 0 else None
+
     # -- fed by the controller ---------------------------------------------------
     def __post_init__(self) -> None:
         if self.queued_at is None:

@@ -48,6 +48,11 @@ class SchedulerConfig:
     cooldown_s: float = 10.0         # a migrated request is not moved again this soon
     no_return_s: float = 60.0        # ... nor back to where it came from this soon
     min_remaining_tokens: int = 8    # not worth moving a request this close to its end
+    # ... nor one with fewer tokens left than this many times what it is
+    # expected to generate while it migrates (its measured decode rate times
+    # the cost model's estimate): it would likely finish on its source first,
+    # and the copy, and the blocks held for it at the destination, be wasted.
+    end_margin: float = 2.0
     # Growth room: blocks the running and queued requests need to generate
     # this many more tokens each (or up to their max_tokens). A queued request
     # is re-dispatched only where it and what is there have all of it; a
@@ -77,7 +82,7 @@ class SchedulerConfig:
                               f"{self.migrate_out_threshold}")
         for name in ("high_priority_headroom_blocks", "max_migrations_out", "max_migrations_in",
                      "max_balance_pairs", "min_remaining_tokens", "growth_horizon_tokens", "cooldown_s",
-                     "balance_min_relief_blocks"):
+                     "balance_min_relief_blocks", "end_margin"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.no_return_s < self.cooldown_s:

@@ -80,10 +80,10 @@ def needs_slot(req: RequestSnapshot) -> bool:
 
 def movable(req: RequestSnapshot, ctx: PlanContext, now: float, reason: Reason) -> bool:
     """Whether a policy may move `req` at all: running, migratable, not already
-    migrating, not about to finish, and (except to drain) not cooling down. A
-    queued request (not started yet, or preempted: either way it holds no
-    blocks) is moved only by defrag: it goes where it can start now, and
-    there is nothing to copy."""
+    migrating, not about to finish (`min_remaining`), and (except to drain)
+    not cooling down. A queued request (not started yet, or preempted: either
+    way it holds no blocks) is moved only by defrag: it goes where it can
+    start now, and there is nothing to copy."""
     if not req.migratable or req.migrating:
         return False
     if req.status == "waiting":
@@ -91,9 +91,19 @@ def movable(req: RequestSnapshot, ctx: PlanContext, now: float, reason: Reason) 
     if req.status != "running":
         return False
     remaining = req.remaining_tokens
-    if remaining is not None and remaining < ctx.cfg.min_remaining_tokens:
+    if remaining is not None and remaining < min_remaining(req, ctx):
         return False
     return reason == "drain" or not ctx.history.cooling(req.request_id, now, ctx.cfg.cooldown_s)
+
+
+def min_remaining(req: RequestSnapshot, ctx: PlanContext) -> float:
+    """Tokens running `req` must have left to be worth moving:
+    `min_remaining_tokens`, or, if more, `end_margin` times the tokens it
+    will generate while it migrates (its measured decode rate times the cost
+    model's estimate). With fewer it likely finishes on its source before
+    the stop: the migration aborts, its copy and its reserved blocks wasted."""
+    during = (req.decode_tokens_per_s or 0.0) * ctx.cost.cost(req)
+    return max(float(ctx.cfg.min_remaining_tokens), ctx.cfg.end_margin * during)
 
 
 def may_go(req: RequestSnapshot, dst: InstanceSnapshot, ctx: PlanContext, now: float,

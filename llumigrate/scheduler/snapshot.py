@@ -29,6 +29,8 @@ class RequestSnapshot:
     `migrating`: a migration of it is in flight (it is still listed on its
     source). `migratable`: the controller would accept `Cluster.migrate` for
     it now (prefill done, no sampling feature that cannot be carried).
+    `decode_tokens_per_s`: how fast it is generating lately, as measured by
+    the controller (None when not yet known).
     """
 
     request_id: str
@@ -40,6 +42,7 @@ class RequestSnapshot:
     status: Status = "running"
     migrating: bool = False
     migratable: bool = True
+    decode_tokens_per_s: float | None = None
 
     def __post_init__(self) -> None:
         assert self.num_prompt_tokens >= 0 and self.num_output_tokens >= 0

@@ -29,7 +29,8 @@ def request_snapshot(h: RequestHandle, waiting: bool) -> RequestSnapshot:
         migratable = False
     return RequestSnapshot(h.request_id, h.instance_id, h.priority, len(h.prompt_token_ids),
                            len(h.output_token_ids), h.sampling.get("max_tokens"),
-                           "waiting" if waiting else "running", h.migrating, migratable)
+                           "waiting" if waiting else "running", h.migrating, migratable,
+                           None if waiting else h.decode_rate())
 
 
 def instance_snapshot(inst: Instance, handles: list[RequestHandle]) -> InstanceSnapshot:
