@@ -12,7 +12,7 @@ from test_scheduler_factories import idle_cluster, make_cluster, make_config, ma
 from llumigrate.errors import ConfigError, NoInstanceAvailable
 from llumigrate.scheduler import DISPATCH_POLICIES, make_dispatcher
 from llumigrate.scheduler.dispatch import rotate_after
-from llumigrate.scheduler.load import freeness
+from llumigrate.scheduler.load import freeness, time_to_free
 
 HIGH = 5
 
@@ -28,6 +28,28 @@ def test_freeness_is_spare_blocks_per_running_request():
 
 def test_freeness_is_negative_when_the_queue_cannot_start():
     assert freeness(make_instance("i0", free=5, waiting_blocks=8), make_config()) < 0
+
+
+def _timed(rid: str, blocks: int, left: int, rate: float | None):
+    """A running request holding `blocks` full blocks of 16, `left` tokens to go at `rate` tokens/s."""
+    return replace(make_request(rid, prompt=blocks * 16, output=0, max_tokens=left), decode_tokens_per_s=rate)
+
+
+def test_time_to_free_follows_requests_as_they_end_and_grow():
+    # a: 4 blocks, ends in 0.5 s; b: 8 blocks, ends in 2 s. 2 free of 14.
+    a, b = _timed("a", 4, 50, 100.0), _timed("b", 8, 200, 100.0)
+    inst = make_instance("i0", a, b, num_blocks=14)
+    assert time_to_free(inst, 2) == 0.0                     # free now
+    # When a ends (0.5 s), b has grown 50 tokens into 4 blocks: 2 + 4 - 4 = 2 free.
+    assert time_to_free(inst, 3) == 2.0                     # only once b ends too: 2 + 4 + 8 - 0
+    assert time_to_free(inst, 2 + 4 + 8) == 2.0
+    assert time_to_free(inst, 15) == float("inf")           # more than it has
+    slow_growth = make_instance("i0", a, _timed("b", 8, 200, 10.0), num_blocks=14)
+    assert time_to_free(slow_growth, 5) == 0.5              # b grew 5 tokens: 1 block
+    # Not told: no max_tokens, or no rate measured yet (neither ends nor grows).
+    unbounded = make_instance("i0", replace(a, max_tokens=None), b, num_blocks=14)
+    assert time_to_free(unbounded, 12) == float("inf")
+    assert time_to_free(make_instance("i0", _timed("a", 4, 50, None), b, num_blocks=14), 6) == 2.0
 
 
 def test_headroom_is_reserved_only_against_normal_requests_where_high_ones_run():

@@ -161,6 +161,19 @@ def test_defrag_frees_room_for_the_head_of_line_request():
     assert moves(plans) == [("b", "i0", "i1")] and plans[0].reason == "defrag"
 
 
+@pytest.mark.parametrize("rate, moved", [(100.0, False), (10.0, True), (None, True)])
+def test_defrag_makes_no_room_that_the_instance_frees_sooner_itself(rate, moved):
+    """Moving b would take 0.5 s (the cost model); c, 14 blocks with 10
+    tokens to go, frees the head's room itself in 0.1 s at 100 tokens/s:
+    the head starts sooner without the move. At 10 tokens/s (1 s), or with
+    c's rate not measured yet, b moves as before."""
+    a, b = (make_request(x, prompt=n * 16, output=0, max_tokens=16) for x, n in (("a", 2), ("b", 10)))
+    c = replace(make_request("c", prompt=14 * 16, output=0, max_tokens=10), decode_tokens_per_s=rate)
+    snap = make_cluster(blocked(a, b, c), make_instance("i1", num_blocks=11), make_instance("i2", num_blocks=11))
+    plans = defrag(snap, ctx(cost=MigrationCostModel(prior_fixed_s=0.5, prior_per_token_s=0.0), **WIDE))
+    assert moves(plans) == ([("b", "i0", "i1")] if moved else [])
+
+
 def test_moves_of_running_requests_trade_no_room_for_preemptions():
     """Balance moves a running request only if the move saves preemptions:
     it relieves more growth shortfall (blocks the requests lack to grow

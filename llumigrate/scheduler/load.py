@@ -103,6 +103,30 @@ def move_keeps_growth_room(src_before: InstanceSnapshot, src_after: InstanceSnap
     return growth_relief(src_before, src_after, dst_before, dst_after, cfg, priority) >= 0
 
 
+def time_to_free(inst: InstanceSnapshot, blocks: int) -> float:
+    """Seconds until `inst` has `blocks` free blocks with no migration: as
+    its running requests finish (each at its `max_tokens`, at its measured
+    decode rate) and hand back their blocks, while those still running grow
+    into free blocks at theirs. 0 when it has them now; inf when it does not
+    happen, or cannot be told (no `max_tokens`). A request whose rate is not
+    measured yet (its first tokens) is taken as neither ending nor growing."""
+    if inst.free_blocks >= blocks:
+        return 0.0
+    timed = [r for r in inst.running if r.decode_tokens_per_s and r.remaining_tokens is not None]
+    bs = inst.block_size
+    ends = sorted(timed, key=lambda r: (r.remaining_tokens / r.decode_tokens_per_s, r.request_id))
+    for k, req in enumerate(ends):
+        t = req.remaining_tokens / req.decode_tokens_per_s
+        # What finished by then grew into free blocks and handed all back:
+        # net, the blocks it holds now. What still runs has grown meanwhile.
+        freed = sum(r.blocks(bs) for r in ends[:k + 1])
+        grown = sum(blocks_for(r.num_tokens + int(r.decode_tokens_per_s * t), bs) - r.blocks(bs)
+                    for r in ends[k + 1:])
+        if inst.free_blocks + freed - grown >= blocks:
+            return t
+    return float("inf")
+
+
 def fits(req: RequestSnapshot, inst: InstanceSnapshot) -> bool:
     """Whether `inst` has the free blocks to hold running request `req` now."""
     return req.blocks(inst.block_size) <= inst.free_blocks

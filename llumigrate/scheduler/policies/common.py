@@ -93,15 +93,17 @@ def make_room(snapshot: ClusterSnapshot, instance_id: str, need: int, ctx: PlanC
 
 def plan_room(snapshot: ClusterSnapshot, instance_id: str, need: int, ctx: PlanContext,
               reason: Reason, accept: Callable[[RequestSnapshot], bool] = lambda r: True,
+              worth: Callable[[list[MigrationPlan]], bool] | None = None,
               ) -> list[MigrationPlan] | None:
     """`make_room`, telling its two empty answers apart: None when the moves,
-    limits aside, could not free all of `need`; [] when they could, but the
+    limits aside, could not free all of `need` (or `worth`, given all of
+    them, says they are not worth making); [] when they could, but the
     concurrency limits hold every one of them back this round."""
     def holding(r: RequestSnapshot) -> bool:  # a queued request holds no blocks to free
         return r.status == "running" and accept(r)
     dry_run = _free_blocks(snapshot, instance_id, need, _without_limits(ctx), reason, holding)
     freed = sum(blocks_for(p.num_tokens, snapshot[instance_id].block_size) for p in dry_run)
-    if freed < need:
+    if freed < need or (worth is not None and not worth(dry_run)):
         return None
     return _free_blocks(snapshot, instance_id, need, ctx, reason, holding)
 

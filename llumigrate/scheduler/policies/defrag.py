@@ -15,7 +15,10 @@ queue for preemptions there. Otherwise running requests move off its
 instance (low priority first, on measured cost: `common.pick`) to instances
 that keep room for their own queue and headroom (`common.keeps_room`, which
 also weighs growth room), until B blocks are free there; nothing is planned
-when the moves could not free enough.
+when the moves could not free enough, nor when they would take longer
+(the cost model's estimates, one after another) than the instance takes to
+free the room itself as its requests finish (`load.time_to_free`, at their
+measured decode rates): the head then starts sooner without them.
 
 While the queue stays blocked, the requests behind its head that another
 instance can start now (the same test as for the head) are re-dispatched
@@ -30,7 +33,7 @@ held to the concurrency limits.
 
 from __future__ import annotations
 
-from llumigrate.scheduler.load import keeps_growth_room
+from llumigrate.scheduler.load import keeps_growth_room, time_to_free
 from llumigrate.scheduler.plan import MigrationPlan, PlanContext, apply_plan, movable
 from llumigrate.scheduler.policies.common import best_destination, plan_room
 from llumigrate.scheduler.snapshot import ClusterSnapshot, InstanceSnapshot, RequestSnapshot
@@ -52,7 +55,9 @@ def defrag(snapshot: ClusterSnapshot, ctx: PlanContext) -> list[MigrationPlan]:
             room = [ctx.plan(head, dst, "defrag")]
         else:
             cur = snapshot[iid]  # as the plans of more starved instances left it
-            planned = plan_room(snapshot, iid, cur.head_waiting_blocks - cur.free_blocks, ctx, "defrag")
+            wait_s = time_to_free(cur, cur.head_waiting_blocks)
+            planned = plan_room(snapshot, iid, cur.head_waiting_blocks - cur.free_blocks, ctx, "defrag",
+                                worth=lambda moves: _copy_time(moves) < wait_s)
             if planned == []:
                 continue  # room can be made once a migration slot frees: nothing jumps the head
             room = planned or []
@@ -72,6 +77,12 @@ def defrag(snapshot: ClusterSnapshot, ctx: PlanContext) -> list[MigrationPlan]:
                 plans.append(ctx.plan(req, to, "defrag"))
                 snapshot = apply_plan(snapshot, plans[-1])
     return plans
+
+
+def _copy_time(moves: list[MigrationPlan]) -> float:
+    """Estimated seconds until `moves` have all landed: one after another,
+    as the source's migration slot allows by default."""
+    return sum(p.est_cost_s for p in moves)
 
 
 def _is_blocked(inst: InstanceSnapshot) -> bool:
