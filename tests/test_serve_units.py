@@ -261,3 +261,48 @@ def test_freezing_the_startup_heap_hides_it_from_collections():
     finally:
         gc.unfreeze()
     assert gc.get_freeze_count() == 0
+
+
+@pytest.mark.parametrize("taken", ["http", "control"])
+def test_an_address_in_use_fails_before_any_engine_starts(tmp_path, taken):
+    """Both listening addresses are taken before the engines start: a port
+    in use fails at once with a clear error (not after the engines' 10-25 s
+    start), no engine's own socket can take a chosen port meanwhile, and
+    `stop` lets go of the other address."""
+    import socket
+
+    from llumigrate.cli import serve
+    from llumigrate.serve.service import Service
+
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    busy = blocker.getsockname()[1]
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    other = free.getsockname()[1]
+    free.close()
+    http, control = (busy, other) if taken == "http" else (other, busy)
+    config = serve.build_config(serve.parse(["--num-instances", "0"]), None, [])
+    service = Service(replace(config, port=http, control_address=f"127.0.0.1:{control}",
+                              run_dir=str(tmp_path)))
+    started: list[bool] = []
+
+    async def engines() -> None:
+        started.append(True)
+    service.cluster.start = engines  # type: ignore[method-assign]
+
+    async def run() -> None:
+        try:
+            with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{busy}"):
+                await service.start()
+        finally:
+            await service.stop()
+    try:
+        asyncio.run(run())
+        assert started == []
+        again = socket.socket()       # the other address was let go
+        again.bind(("127.0.0.1", other))
+        again.close()
+    finally:
+        blocker.close()

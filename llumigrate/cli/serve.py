@@ -116,7 +116,11 @@ async def serve(config) -> int:
         loop.add_signal_handler(sig, stop.set)
     print(f"[llumigrate] starting {config.num_instances} instance(s) of {config.model} ...", flush=True)
     try:
-        await service.start()
+        try:
+            await service.start()
+        except ConfigError as e:  # e.g. an address in use: said before any engine starts
+            print(f"llumigrate serve: {e}", file=sys.stderr)
+            return 2
         freeze_startup_heap()  # imports and startup state: out of every later collection
         print(f"[llumigrate] OpenAI endpoint http://{config.host}:{service.http_port}/v1  "
               f"control API {config.control_address.rsplit(':', 1)[0]}:{service.control_port}  "

@@ -71,18 +71,25 @@ class ControlServerConfig:
 
 
 class ControlServer:
-    """Serves a ControlBackend. `start` binds and returns the bound port;
-    `stop` ends the event streams, then the server."""
+    """Serves a ControlBackend. `bind` takes the address (optional: `start`
+    binds if it was not); `start` serves and returns the bound port; `stop`
+    ends the event streams, then the server."""
 
     def __init__(self, backend: ControlBackend, config: ControlServerConfig | None = None) -> None:
         self.backend = backend
         self.config = config or ControlServerConfig()
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
+        self._bound: grpc.aio.Server | None = None   # bound, not serving yet
         self._servicer = ControlServicer(backend, self.config.event_queue_size)
 
-    async def start(self) -> int:
-        assert self._server is None, "already started"
+    def bind(self) -> int:
+        """Takes the address now, before serving starts (call it on the event
+        loop): an address in use fails here, fast, and nothing started
+        meanwhile (an engine's own sockets) can take the port. Returns it."""
+        if self._bound is not None or self._server is not None:
+            assert self.port is not None
+            return self.port
         interceptors = [TokenInterceptor(self.config.token)] if self.config.token else []
         server = grpc.aio.server(interceptors=interceptors)
         pb_grpc.add_ControlServicer_to_server(self._servicer, server)
@@ -94,14 +101,27 @@ class ControlServer:
                 port = server.add_secure_port(self.config.address, creds)
         except RuntimeError as e:  # grpc raises RuntimeError when it cannot bind
             raise ConfigError(f"cannot listen on {self.config.address}: {e}") from e
+        self._bound, self.port = server, port
+        return port
+
+    async def start(self) -> int:
+        assert self._server is None, "already started"
+        port = self.bind()
+        server, self._bound = self._bound, None
+        assert server is not None
         await server.start()
-        self._server, self.port = server, port
+        self._server = server
         logger.info("control API on %s (port %d, %s, %s)", self.config.address, port,
-                    "TLS" if creds else "plaintext", "token" if self.config.token else "no token")
+                    "TLS" if self.config.tls_cert else "plaintext",
+                    "token" if self.config.token else "no token")
         return port
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Stops serving; idempotent. Event streams end first; the backend's bus stays open."""
+        """Stops serving (or lets go of a bound address); idempotent. Event
+        streams end first; the backend's bus stays open."""
+        if self._bound is not None:
+            bound, self._bound = self._bound, None
+            await bound.stop(None)
         if self._server is None:
             return
         server, self._server = self._server, None

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import uvicorn
 from fastapi import FastAPI
+
+from llumigrate.errors import ConfigError
 
 
 def make_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> uvicorn.Server:
@@ -15,6 +18,21 @@ def make_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_lev
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=30,
                             lifespan="off")
     return uvicorn.Server(config)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (0: any free port), for `server.serve(sockets=[...])`:
+    taken before anything slow starts, so that a port in use fails fast with
+    a clear error and nothing started meanwhile can take it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+    return sock
 
 
 def bound_port(server: uvicorn.Server) -> int:

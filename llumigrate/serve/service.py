@@ -22,7 +22,7 @@ from llumigrate.controller.cluster import RETAIN_FINISHED, Cluster
 from llumigrate.errors import ConfigError
 from llumigrate.frontend.app import build_app
 from llumigrate.frontend.metrics import Metrics
-from llumigrate.frontend.server import bound_port, make_server
+from llumigrate.frontend.server import bind_socket, bound_port, make_server
 from llumigrate.migration.protocol import MigrationConfig
 from llumigrate.netutil import is_loopback
 from llumigrate.scheduler import DEFAULT_INTERVAL_S, SchedulerConfig
@@ -88,17 +88,27 @@ class Service:
         self._http_task = None
 
     async def start(self) -> Service:
-        await self.cluster.start()
-        self.scheduler.start()
-        self.control_port = await self.control.start()
-        first = next(iter(self.cluster.instances.values()), None)
-        max_len = int(first.info["max_model_len"]) if first else 0
-        backend = ClusterGenerateBackend(
-            self.cluster, self.scheduler, model_name=self.config.served_model_name or self.config.model,
-            model_path=self.config.model, max_model_len=max_len)
-        app = build_app(backend, self.metrics, api_key=self.config.api_key)
-        self.http = make_server(app, self.config.host, self.config.port, self.config.log_level)
-        self._http_task = asyncio.get_running_loop().create_task(self.http.serve())
+        # Both listening addresses are taken before the engines start (they
+        # take 10-25 s, and open ephemeral ports of their own): an address in
+        # use fails at once, and no engine's socket can take a chosen port.
+        # `stop` lets go of whatever a failed start took.
+        sock = bind_socket(self.config.host, self.config.port)
+        try:
+            self.control.bind()
+            await self.cluster.start()
+            self.scheduler.start()
+            self.control_port = await self.control.start()
+            first = next(iter(self.cluster.instances.values()), None)
+            max_len = int(first.info["max_model_len"]) if first else 0
+            backend = ClusterGenerateBackend(
+                self.cluster, self.scheduler, model_name=self.config.served_model_name or self.config.model,
+                model_path=self.config.model, max_model_len=max_len)
+            app = build_app(backend, self.metrics, api_key=self.config.api_key)
+            self.http = make_server(app, self.config.host, self.config.port, self.config.log_level)
+        except BaseException:
+            sock.close()
+            raise
+        self._http_task = asyncio.get_running_loop().create_task(self.http.serve(sockets=[sock]))
         while not self.http.started:
             if self._http_task.done():
                 await self._http_task  # raises why it could not start
