@@ -112,16 +112,16 @@ def time_to_free(inst: InstanceSnapshot, blocks: int) -> float:
     measured yet (its first tokens) is taken as neither ending nor growing."""
     if inst.free_blocks >= blocks:
         return 0.0
-    timed = [r for r in inst.running if r.decode_tokens_per_s and r.remaining_tokens is not None]
     bs = inst.block_size
-    ends = sorted(timed, key=lambda r: (r.remaining_tokens / r.decode_tokens_per_s, r.request_id))
-    for k, req in enumerate(ends):
-        t = req.remaining_tokens / req.decode_tokens_per_s
+    ends = sorted((r.remaining_tokens / r.decode_tokens_per_s, r.request_id, r) for r in inst.running
+                  if r.decode_tokens_per_s and r.remaining_tokens is not None)
+    freed = 0
+    for k, (t, _, req) in enumerate(ends):
         # What finished by then grew into free blocks and handed all back:
         # net, the blocks it holds now. What still runs has grown meanwhile.
-        freed = sum(r.blocks(bs) for r in ends[:k + 1])
+        freed += req.blocks(bs)
         grown = sum(blocks_for(r.num_tokens + int(r.decode_tokens_per_s * t), bs) - r.blocks(bs)
-                    for r in ends[k + 1:])
+                    for _, _, r in ends[k + 1:])
         if inst.free_blocks + freed - grown >= blocks:
             return t
     return float("inf")

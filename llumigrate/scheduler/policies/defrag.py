@@ -55,9 +55,8 @@ def defrag(snapshot: ClusterSnapshot, ctx: PlanContext) -> list[MigrationPlan]:
             room = [ctx.plan(head, dst, "defrag")]
         else:
             cur = snapshot[iid]  # as the plans of more starved instances left it
-            wait_s = time_to_free(cur, cur.head_waiting_blocks)
             planned = plan_room(snapshot, iid, cur.head_waiting_blocks - cur.free_blocks, ctx, "defrag",
-                                worth=lambda moves: _copy_time(moves) < wait_s)
+                                worth=lambda moves: _copy_time(moves) < time_to_free(cur, cur.head_waiting_blocks))
             if planned == []:
                 continue  # room can be made once a migration slot frees: nothing jumps the head
             room = planned or []
