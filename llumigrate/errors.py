@@ -41,6 +41,17 @@ class InstanceLost(LlumigrateError):
     """An instance (agent or engine) stopped answering."""
 
 
+class InstanceStartFailed(InstanceLost):
+    """A local agent, or its engine, did not start. `cause` is the line of its
+    log that says why (e.g. vLLM's ValueError on a bad engine argument);
+    `log_path` keeps the whole log."""
+
+    def __init__(self, instance_id: str, how: str, cause: str, log_path: str) -> None:
+        super().__init__(f"instance {instance_id} did not start ({how}): {cause}\n"
+                         f"  its log: {log_path}")
+        self.instance_id, self.how, self.cause, self.log_path = instance_id, how, cause, log_path
+
+
 class RequestNotFound(LlumigrateError, KeyError):
     """No in-flight request has that id."""
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from llumigrate.cli.serve import add_engine_spin, engine_defaults, parse_with_engine_args
 from llumigrate.control.server import DEFAULT_ADDRESS
+from llumigrate.controller import shmreap
 from llumigrate.controller.instance import spin_args
 
 
@@ -85,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
     engine_args = engine_defaults(args.engine_args, args.model is None)
     run_dir = Path(tempfile.mkdtemp(prefix="llumigrate-instance-"))
     proc, addr = _start_agent(args, model, engine_args, run_dir)
+    engine_shm = shmreap.owned_by_group(proc.pid)   # removed at the end if the engine could not
 
     async def main() -> int:
         stop = asyncio.Event()
@@ -105,3 +107,4 @@ def run(args: argparse.Namespace) -> int:
                 proc.wait(60)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+        shmreap.release_after_group(proc.pid, engine_shm, wait_s=10.0)

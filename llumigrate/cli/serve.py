@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from llumigrate.control.server import DEFAULT_ADDRESS
 from llumigrate.controller.cluster import RETAIN_FINISHED
-from llumigrate.errors import ConfigError
+from llumigrate.errors import ConfigError, InstanceStartFailed
 from llumigrate.migration.protocol import MigrationConfig
 from llumigrate.scheduler import DEFAULT_INTERVAL_S, DISPATCH_POLICIES, MIGRATION_POLICIES, SchedulerConfig
 
@@ -121,6 +121,9 @@ async def serve(config) -> int:
         except ConfigError as e:  # e.g. an address in use: said before any engine starts
             print(f"llumigrate serve: {e}", file=sys.stderr)
             return 2
+        except InstanceStartFailed as e:  # e.g. an engine argument vLLM refuses
+            print(f"llumigrate serve: {e}", file=sys.stderr)
+            return 1
         freeze_startup_heap()  # imports and startup state: out of every later collection
         print(f"[llumigrate] OpenAI endpoint http://{config.host}:{service.http_port}/v1  "
               f"control API {config.control_address.rsplit(':', 1)[0]}:{service.control_port}  "

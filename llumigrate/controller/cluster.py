@@ -322,6 +322,7 @@ class Cluster(FailoverSteps):
             return
         logger.error("instance %s lost: %s", inst.instance_id, reason)
         self._notify("on_instance_down", inst.instance_id, reason)
+        self._spawn(inst.release_shm(wait_s=30.0))  # a killed engine could not remove it
         for h in list(self.requests.values()):
             if h.instance_id == inst.instance_id and not h.finished and not h.migrating \
                     and h.request_id not in self._submitting:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,8 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from llumigrate.agent.rpc import RpcClient
+from llumigrate.controller import shmreap
 from llumigrate.controller.request import RequestHandle
-from llumigrate.errors import InstanceLost
+from llumigrate.errors import InstanceLost, InstanceStartFailed
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,6 +44,9 @@ class Instance:
     # Requests a migration is bringing here, by id: until it commits, they are
     # listed on their source and this engine cannot count their blocks yet.
     incoming: dict[str, RequestHandle] = field(default_factory=dict)
+    # The engine's shared memory (a local agent's), removed once it is gone
+    # in case it was killed and could not (`shmreap`).
+    shm_files: dict[str, int] = field(default_factory=dict)   # path -> inode
 
     @property
     def kv_address(self) -> tuple[str, int]:
@@ -95,11 +103,49 @@ class Instance:
                     os.killpg(self.process.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+        await self.release_shm()
+
+    async def release_shm(self, wait_s: float = 10.0) -> list[str]:
+        """Remove the shared memory this local instance's engine left behind,
+        once its processes are gone (up to `wait_s`): nothing is left when it
+        was killed. What a live process still maps stays."""
+        if self.process is None or not self.shm_files:
+            return []
+        owned, pgid = dict(self.shm_files), self.process.pid
+        removed = await asyncio.to_thread(shmreap.release_after_group, pgid, owned, wait_s)
+        self.shm_files = {p: ino for p, ino in self.shm_files.items() if p not in removed and os.path.exists(p)}
+        if removed:
+            logger.info("instance %s: removed %d shared-memory file(s) its engine left: %s",
+                        self.instance_id, len(removed), " ".join(os.path.basename(p) for p in removed))
+        return removed
 
 
 def spin_args(engine_spin_ms: float | None) -> list[str]:
     """The agent's `--engine-spin-ms` (none: the agent's own default)."""
     return [] if engine_spin_ms is None else ["--engine-spin-ms", str(float(engine_spin_ms))]
+
+
+# The last line of a traceback ("ValueError: ..."), also as vLLM's engine
+# process logs it ("(EngineCore pid=7) ERROR 11-24 09:23:04 [core.py:1510] ValueError: ...");
+# and argparse's complaint ("llumigrate-engine: error: unrecognized arguments: ...").
+_EXCEPTION_LINE = re.compile(r"^(?:\([\w.-]+ pid=\d+\) ERROR [^\]]*\] )?"
+                             r"([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)(?:: .*)?)$")
+_USAGE_ERROR = re.compile(r"^[\w.-]+: error: .+$")
+# Exceptions that only point at another one: vLLM's "see root cause above".
+_WRAPPER = re.compile(r"initialization failed|see root cause above", re.IGNORECASE)
+MAX_CAUSE_CHARS = 1000
+
+
+def start_failure_cause(log_text: str) -> str:
+    """The line of a failed agent's log that says why it did not start: the
+    last exception raised (vLLM's wrappers that point at an earlier one
+    skipped) or argparse's usage error; else the log's last line."""
+    lines = [ln.rstrip() for ln in log_text.splitlines() if ln.strip()]
+    found = [m.group(1) if (m := _EXCEPTION_LINE.match(ln)) else ln for ln in lines
+             if _EXCEPTION_LINE.match(ln) or _USAGE_ERROR.match(ln)]
+    causes = [ln for ln in found if not _WRAPPER.search(ln)] or found or lines[-1:] or ["(empty log)"]
+    cause = causes[-1]
+    return cause if len(cause) <= MAX_CAUSE_CHARS else cause[:MAX_CAUSE_CHARS] + " ..."
 
 
 async def spawn_agent(instance_id: str, model: str, engine_argv: list[str], run_dir: Path,
@@ -123,11 +169,18 @@ async def spawn_agent(instance_id: str, model: str, engine_argv: list[str], run_
     deadline = time.monotonic() + start_timeout
     while not ready.exists():
         if proc.poll() is not None:
-            tail = log_path.read_text(errors="replace")[-3000:]
-            raise InstanceLost(f"agent {instance_id} exited with {proc.returncode}:\n{tail}")
+            cause = start_failure_cause(log_path.read_text(errors="replace"))
+            raise InstanceStartFailed(instance_id, f"exit status {proc.returncode}", cause, str(log_path))
         if time.monotonic() > deadline:
             os.killpg(proc.pid, signal.SIGKILL)
-            raise InstanceLost(f"agent {instance_id} did not start in {start_timeout}s")
+            proc.wait()
+            raise InstanceStartFailed(instance_id, f"not ready in {start_timeout:g}s",
+                                      start_failure_cause(log_path.read_text(errors="replace")),
+                                      str(log_path))
         await asyncio.sleep(0.2)
     addr = json.loads(ready.read_text())
-    return Instance(instance_id, addr["host"], int(addr["port"]), process=proc, log_path=log_path)
+    # The agent's engine is up by now (the agent says ready after it): note
+    # the shared memory its processes hold, to remove if they are killed.
+    shm_files = await asyncio.to_thread(shmreap.owned_by_group, proc.pid)
+    return Instance(instance_id, addr["host"], int(addr["port"]), process=proc, log_path=log_path,
+                    shm_files=shm_files)

@@ -6,7 +6,7 @@ fault schedule and the coordinator hook that injects it), `actions` (what
 each fault does to a live cluster; replacement instances), `migrator`
 (random, chained and policy-driven migrations), `collect` (quiescence, free
 blocks, reference outputs, host leftovers), `invariants` (pure checks over
-what was recorded), `procs` (/proc helpers), `runner` (the async driver),
+what was recorded; /proc helpers are `llumigrate.procfs`), `runner` (the async driver),
 `report` (JSON, PNG, one line), `progress` (live status line). CLI:
 `llumigrate stress`.
 """

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from llumigrate.controller.cluster import Cluster, cpu_threads
 from llumigrate.controller.instance import Instance
 from llumigrate.controller.request import RequestHandle
-from llumigrate.stress import procs
+from llumigrate import procfs
 from llumigrate.stress.config import StressConfig
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class ClusterFaults:
             return
         self.kills += 1
         if engine_only:  # the agent must notice its engine died and go down itself
-            hit = procs.kill_descendants(inst.process.pid)
+            hit = procfs.kill_descendants(inst.process.pid)
             logger.warning("killed the engine of %s (pids %s)", instance_id, hit)
         else:
             inst.kill()

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from typing import TYPE_CHECKING
 
-from llumigrate.stress import procs
+from llumigrate import procfs
+from llumigrate.controller import shmreap
 from llumigrate.stress.invariants import NORMAL_ENDS, InstanceFacts, RequestFacts, Violation, check_instance
 from llumigrate.transfer import shm
 
@@ -28,6 +30,7 @@ class Collector:
         self.r = runner
         self.cluster = runner.cluster
         self.references_by_id: dict[str, list[int]] = {}
+        self.engine_shm_before = shmreap.engine_files()
 
     def _live(self) -> list:
         return sorted((i for i in self.cluster.instances.values() if i.up), key=lambda i: i.instance_id)
@@ -131,16 +134,19 @@ class Collector:
         return out
 
     def host_leftovers(self) -> tuple[list[str], list[int]]:
-        """(segments created by our processes, our processes still alive), after
-        close. Processes get `ORPHAN_GRACE_S` to finish exiting (a killed
-        process is visible for a moment while the kernel tears it down)."""
+        """(shared memory left: our segments and the engines', our processes
+        still alive), after close. Processes get `ORPHAN_GRACE_S` to finish
+        exiting (a killed process is visible for a moment while the kernel
+        tears it down)."""
         deadline = time.monotonic() + ORPHAN_GRACE_S
         while True:
-            orphans = sorted(set(procs.group_members(self.r.pgids)) | set(procs.alive(self.r.pids)))
+            orphans = sorted(set(procfs.group_members(self.r.pgids)) | set(procfs.alive(self.r.pids)))
             if not orphans or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
         leaked = [s for s in shm.list_segments() if shm.segment_pid(s) in self.r.pids]
+        # The engines' own (vLLM's queues), killed ones' included: none may stay.
+        leaked += sorted(os.path.basename(p) for p in shmreap.left_behind(self.engine_shm_before))
         return leaked, orphans
 
 

@@ -26,7 +26,7 @@ from llumigrate.controller.listener import ClusterListener
 from llumigrate.controller.request import RequestHandle
 from llumigrate.errors import InstanceLost
 from llumigrate.migration.protocol import MigrationConfig
-from llumigrate.stress import procs
+from llumigrate import procfs
 from llumigrate.stress.actions import ClusterFaults
 from llumigrate.stress.collect import Collector
 from llumigrate.stress.config import StressConfig
@@ -206,4 +206,4 @@ class StressRunner:
     def _remember(self, inst: Instance) -> None:
         if inst.process is not None:
             self.pgids.add(inst.process.pid)
-            self.pids.update(procs.group_members({inst.process.pid}))
+            self.pids.update(procfs.group_members({inst.process.pid}))

@@ -1,5 +1,5 @@
 """Process helpers over /proc (Linux): an agent's engine processes, process
-groups, and what is still alive after a run."""
+groups, what is still alive, and the shared-memory files processes map."""
 
 from __future__ import annotations
 
@@ -61,3 +61,25 @@ def group_members(pgids: set[int]) -> list[int]:
 def alive(pids: set[int]) -> list[int]:
     """The pids of `pids` that still run (zombies count as gone)."""
     return sorted(p for p in pids if (st := _stat(p)) is not None and st[0] != "Z")
+
+
+SHM_DIR = "/dev/shm"
+
+
+def shm_mapped(pids: list[int] | None = None) -> set[int]:
+    """The inodes of the /dev/shm files that `pids` (None: every process we
+    may read) have mapped now, unlinked ones included: a POSIX semaphore is
+    mapped under the temporary name it was created as. Processes that
+    vanish or hide their maps are skipped."""
+    out: set[int] = set()
+    prefix = SHM_DIR + "/"
+    for p in _all_pids() if pids is None else pids:
+        try:
+            with open(f"/proc/{p}/maps") as f:
+                for line in f:
+                    fields = line.split(maxsplit=5)
+                    if len(fields) == 6 and fields[5].startswith(prefix):
+                        out.add(int(fields[4]))
+        except (OSError, ValueError):
+            continue
+    return out

@@ -1,0 +1,98 @@
+"""`llumigrate serve` when an instance does not start: the operator reads why
+(vLLM's own refusal), not a traceback of ours that cuts it off."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+from llumigrate.controller.instance import MAX_CAUSE_CHARS, start_failure_cause
+
+# The end of a real agent log: vLLM's engine process logs the root cause, then
+# the agent's traceback ends in a wrapper that points "above".
+ENGINE_REFUSED = "\n".join([
+    "2026-11-24 09:22:50,201 INFO [agent 11917] vllm.triton_utils.importing: Triton is installed "
+    "but 0 active driver(s) found (expected 1). Disabling Triton to prevent runtime errors.",
+    '(EngineCore pid=11927) ERROR 11-24 09:23:04 [core.py:1510]   File "/x/kv_cache_utils.py", '
+    "line 1030, in _check_enough_kv_cache_memory",
+    "(EngineCore pid=11927) ERROR 11-24 09:23:04 [core.py:1510]     raise ValueError(",
+    "(EngineCore pid=11927) ERROR 11-24 09:23:04 [core.py:1510] ValueError: To serve at least "
+    "one request with the model's max seq len (1312), more KV cache is needed",
+    "(EngineCore pid=11927) ERROR 11-24 09:23:06 [multiproc_executor.py:315] Worker proc "
+    "VllmWorker-0 died unexpectedly (exit code: None), shutting down executor.",
+    "Process EngineCore:",
+    "Traceback (most recent call last):",
+    '  File "/x/vllm/v1/engine/utils.py", line 1431, in wait_for_engine_startup',
+    "    raise RuntimeError(",
+    "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}",
+    "/usr/lib/python3.11/multiprocessing/resource_tracker.py:254: UserWarning: resource_tracker: "
+    "There appear to be 1 leaked shared_memory objects to clean up at shutdown",
+    "  warnings.warn('resource_tracker: There appear to be %d '",
+    ""])
+
+USAGE = """\
+usage: llumigrate-engine [-h] [--model MODEL]
+llumigrate-engine: error: unrecognized arguments: --no-such-flag
+"""
+
+# A worker process's name has a hyphen.
+WORKER_REFUSED = """\
+(VllmWorker-0 pid=15176) ERROR 11-24 09:41:22 [multiproc_executor.py:953]     raise ValueError(
+(VllmWorker-0 pid=15176) ERROR 11-24 09:41:22 [multiproc_executor.py:953] ValueError: Available memory is less
+RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {'EngineCore': 1}
+"""
+
+CRASH = """\
+Traceback (most recent call last):
+  File "/x/llumigrate/agent/__main__.py", line 54, in _main
+    runtime = EngineRuntime(engine_args)
+torch.OutOfMemoryError: cannot allocate 2.0 GiB
+"""
+
+
+def test_the_cause_is_the_root_exception_not_vllms_wrapper():
+    assert start_failure_cause(ENGINE_REFUSED) == (
+        "ValueError: To serve at least one request with the model's max seq len (1312), "
+        "more KV cache is needed")
+    assert start_failure_cause(WORKER_REFUSED) == "ValueError: Available memory is less"
+
+
+def test_the_cause_of_a_usage_error_and_of_a_plain_crash():
+    assert start_failure_cause(USAGE) == "llumigrate-engine: error: unrecognized arguments: --no-such-flag"
+    assert start_failure_cause(CRASH) == "torch.OutOfMemoryError: cannot allocate 2.0 GiB"
+
+
+def test_the_cause_without_an_exception_is_the_last_line_and_is_bounded():
+    assert start_failure_cause("starting\nKilled\n\n") == "Killed"
+    assert start_failure_cause("") == "(empty log)"
+    assert start_failure_cause("RuntimeError: Engine core initialization failed.") == \
+        "RuntimeError: Engine core initialization failed."   # only a wrapper: still said
+    long = start_failure_cause("ValueError: " + "x" * 5000)
+    assert len(long) <= MAX_CAUSE_CHARS + 4 and long.endswith(" ...")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_with_an_engine_argument_vllm_refuses_says_so_and_exits_1():
+    """A real `llumigrate serve` whose agent refuses an engine argument:
+    exit status 1, vLLM's refusal on stderr with the agent's log named, no
+    Python traceback; the addresses it had bound are free again."""
+    http, control = _free_port(), _free_port()
+    proc = subprocess.run(
+        [sys.executable, "-m", "llumigrate", "serve", "--num-instances", "1", "--port", str(http),
+         "--control-address", f"127.0.0.1:{control}", "--no-such-engine-flag"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "instance i0 did not start (exit status 2)" in proc.stderr
+    assert "unrecognized arguments: --no-such-engine-flag" in proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    log = proc.stderr.split("its log: ", 1)[1].split()[0]
+    assert "--no-such-engine-flag" in open(log).read()
+    for port in (http, control):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
