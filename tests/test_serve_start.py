@@ -78,21 +78,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_serve_with_an_engine_argument_vllm_refuses_says_so_and_exits_1():
+def test_serve_with_an_engine_argument_vllm_refuses_says_so_and_exits_1(tmp_path):
     """A real `llumigrate serve` whose agent refuses an engine argument:
-    exit status 1, vLLM's refusal on stderr with the agent's log named, no
-    Python traceback; the addresses it had bound are free again."""
+    exit status 1, vLLM's refusal on stderr with the agent's log named (in
+    `--run-dir`), no Python traceback; the addresses it had bound are free
+    again."""
     http, control = _free_port(), _free_port()
     proc = subprocess.run(
         [sys.executable, "-m", "llumigrate", "serve", "--num-instances", "1", "--port", str(http),
-         "--control-address", f"127.0.0.1:{control}", "--no-such-engine-flag"],
+         "--control-address", f"127.0.0.1:{control}", "--run-dir", str(tmp_path), "--no-such-engine-flag"],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "instance i0 did not start (exit status 2)" in proc.stderr
     assert "unrecognized arguments: --no-such-engine-flag" in proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
-    log = proc.stderr.split("its log: ", 1)[1].split()[0]
-    assert "--no-such-engine-flag" in open(log).read()
+    assert proc.stderr.split("its log: ", 1)[1].split()[0] == str(tmp_path / "i0.log")
+    assert "--no-such-engine-flag" in (tmp_path / "i0.log").read_text()
     for port in (http, control):
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))

@@ -55,6 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "after they end, the latest first to stay")
     add_engine_spin(p)
     p.add_argument("--log-level", default="info")
+    p.add_argument("--run-dir", help="where each instance's log (<instance>.log) goes "
+                   "(default: a new temporary directory, printed at start)")
 
 
 def add_engine_spin(p: argparse.ArgumentParser) -> None:
@@ -102,7 +104,7 @@ def build_config(args: argparse.Namespace, model: str | None, engine_args: list[
                                   precopy_rate_mib_s=args.precopy_rate_mib_s),
         interval_s=args.scheduler_interval, failover=not args.no_failover,
         kv_transport=args.kv_transport, engine_spin_ms=args.engine_spin_ms,
-        retain_finished=args.retain_finished, log_level=args.log_level)
+        retain_finished=args.retain_finished, log_level=args.log_level, run_dir=args.run_dir)
 
 
 async def serve(config) -> int:
