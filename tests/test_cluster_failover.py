@@ -22,6 +22,9 @@ class FakeInstance:
             raise InstanceLost(f"instance {self.instance_id} is going down")
         return {"rid": args.get("rid")}
 
+    async def release_shm(self, wait_s: float = 10.0) -> list[str]:
+        return []
+
 
 def test_failover_tries_the_next_instance_when_one_fails():
     async def go():

@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 
-from llumigrate.controller.instance import MAX_CAUSE_CHARS, start_failure_cause
+from llumigrate.controller.startlog import MAX_CAUSE_CHARS, start_failure_cause
 
 # The end of a real agent log: vLLM's engine process logs the root cause, then
 # the agent's traceback ends in a wrapper that points "above".
@@ -58,6 +58,31 @@ def test_the_cause_is_the_root_exception_not_vllms_wrapper():
     assert start_failure_cause(WORKER_REFUSED) == "ValueError: Available memory is less"
 
 
+# vLLM's configs are pydantic dataclasses: the reason is on the next line.
+CONFIG_REFUSED = """\
+  File "/x/pydantic/_internal/_dataclasses.py", line 121, in __init__
+    s.__pydantic_validator__.validate_python(ArgsKwargs(args, kwargs), self_instance=s)
+pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig
+  Value error, User-specified max_model_len (999999) is greater than the derived max_model_len
+    For further information visit https://errors.pydantic.dev/2.14/v/value_error
+"""
+
+# The cause, then what the agent raised winding down, then another wrapper.
+CAUSE_THEN_NOISE = """\
+(EngineCore pid=9) ERROR 11-24 09:23:04 [core.py:1510] RuntimeError: NCCL initialization failed: no device
+Traceback (most recent call last):
+asyncio.exceptions.CancelledError
+vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered an issue. See stack trace (above) for the root cause.
+"""
+
+
+def test_the_cause_carries_its_reason_and_outlives_the_noise_after_it():
+    assert start_failure_cause(CONFIG_REFUSED) == (
+        "pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig "
+        "Value error, User-specified max_model_len (999999) is greater than the derived max_model_len")
+    assert start_failure_cause(CAUSE_THEN_NOISE) == "RuntimeError: NCCL initialization failed: no device"
+
+
 def test_the_cause_of_a_usage_error_and_of_a_plain_crash():
     assert start_failure_cause(USAGE) == "llumigrate-engine: error: unrecognized arguments: --no-such-flag"
     assert start_failure_cause(CRASH) == "torch.OutOfMemoryError: cannot allocate 2.0 GiB"
@@ -92,8 +117,16 @@ def test_serve_with_an_engine_argument_vllm_refuses_says_so_and_exits_1(tmp_path
     assert "instance i0 did not start (exit status 2)" in proc.stderr
     assert "unrecognized arguments: --no-such-engine-flag" in proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
+    assert f"their logs: {tmp_path}" in proc.stdout      # said before the engines start
     assert proc.stderr.split("its log: ", 1)[1].split()[0] == str(tmp_path / "i0.log")
     assert "--no-such-engine-flag" in (tmp_path / "i0.log").read_text()
+    # The same run dir again: the log keeps both runs, the error is this run's.
+    again = subprocess.run(
+        [sys.executable, "-m", "llumigrate", "serve", "--num-instances", "1", "--port", str(http),
+         "--control-address", f"127.0.0.1:{control}", "--run-dir", str(tmp_path), "--max-model-len", "999999"],
+        capture_output=True, text=True, timeout=300)
+    assert again.returncode == 1, again.stdout + again.stderr
+    assert "max_model_len (999999)" in again.stderr and "no-such-engine-flag" not in again.stderr
     for port in (http, control):
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))

@@ -116,7 +116,8 @@ async def serve(config) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    print(f"[llumigrate] starting {config.num_instances} instance(s) of {config.model} ...", flush=True)
+    print(f"[llumigrate] starting {config.num_instances} instance(s) of {config.model} "
+          f"(their logs: {service.run_dir}) ...", flush=True)
     try:
         try:
             await service.start()

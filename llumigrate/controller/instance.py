@@ -7,7 +7,6 @@ import asyncio
 import json
 import logging
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from typing import Any
 
 from llumigrate.agent.rpc import RpcClient
 from llumigrate.controller import shmreap
+from llumigrate.controller.startlog import start_failure_cause
 from llumigrate.controller.request import RequestHandle
 from llumigrate.errors import InstanceLost, InstanceStartFailed
 
@@ -112,7 +112,11 @@ class Instance:
         if self.process is None or not self.shm_files:
             return []
         owned, pgid = dict(self.shm_files), self.process.pid
-        removed = await asyncio.to_thread(shmreap.release_after_group, pgid, owned, wait_s)
+        try:
+            removed = await asyncio.to_thread(shmreap.release_after_group, pgid, owned, wait_s)
+        except Exception:  # cleanup never breaks a shutdown or a failover
+            logger.exception("instance %s: removing its engine's shared memory failed", self.instance_id)
+            return []
         self.shm_files = {p: ino for p, ino in self.shm_files.items() if p not in removed and os.path.exists(p)}
         if removed:
             logger.info("instance %s: removed %d shared-memory file(s) its engine left: %s",
@@ -120,32 +124,35 @@ class Instance:
         return removed
 
 
+def _ready_from(ready: Path, pid: int) -> bool:
+    """Whether `ready` says agent `pid` serves (not another's, in a shared run dir)."""
+    try:
+        return json.loads(ready.read_text()).get("pid") == pid
+    except (OSError, ValueError):
+        return False
+
+
+def _read_from(path: Path, offset: int) -> str:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace")
+
+
+async def _end_group(proc: subprocess.Popen) -> None:
+    """Kill what is left of a failed agent's process group (its engine may
+    outlive it) and remove the shared memory it held."""
+    owned = await asyncio.to_thread(shmreap.owned_by_group, proc.pid)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    await asyncio.to_thread(proc.wait)
+    await asyncio.to_thread(shmreap.release_after_group, proc.pid, owned, 10.0)
+
+
 def spin_args(engine_spin_ms: float | None) -> list[str]:
     """The agent's `--engine-spin-ms` (none: the agent's own default)."""
     return [] if engine_spin_ms is None else ["--engine-spin-ms", str(float(engine_spin_ms))]
-
-
-# The last line of a traceback ("ValueError: ..."), also as vLLM's engine
-# process logs it ("(EngineCore pid=7) ERROR 11-24 09:23:04 [core.py:1510] ValueError: ...");
-# and argparse's complaint ("llumigrate-engine: error: unrecognized arguments: ...").
-_EXCEPTION_LINE = re.compile(r"^(?:\([\w.-]+ pid=\d+\) ERROR [^\]]*\] )?"
-                             r"([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)(?:: .*)?)$")
-_USAGE_ERROR = re.compile(r"^[\w.-]+: error: .+$")
-# Exceptions that only point at another one: vLLM's "see root cause above".
-_WRAPPER = re.compile(r"initialization failed|see root cause above", re.IGNORECASE)
-MAX_CAUSE_CHARS = 1000
-
-
-def start_failure_cause(log_text: str) -> str:
-    """The line of a failed agent's log that says why it did not start: the
-    last exception raised (vLLM's wrappers that point at an earlier one
-    skipped) or argparse's usage error; else the log's last line."""
-    lines = [ln.rstrip() for ln in log_text.splitlines() if ln.strip()]
-    found = [m.group(1) if (m := _EXCEPTION_LINE.match(ln)) else ln for ln in lines
-             if _EXCEPTION_LINE.match(ln) or _USAGE_ERROR.match(ln)]
-    causes = [ln for ln in found if not _WRAPPER.search(ln)] or found or lines[-1:] or ["(empty log)"]
-    cause = causes[-1]
-    return cause if len(cause) <= MAX_CAUSE_CHARS else cause[:MAX_CAUSE_CHARS] + " ..."
 
 
 async def spawn_agent(instance_id: str, model: str, engine_argv: list[str], run_dir: Path,
@@ -164,18 +171,16 @@ async def spawn_agent(instance_id: str, model: str, engine_argv: list[str], run_
     if token:
         env["LLUMIGRATE_TOKEN"] = token
     with open(log_path, "ab") as log:
+        log_start = log.tell()   # a reused run dir keeps earlier runs' logs: only this one's counts
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
     deadline = time.monotonic() + start_timeout
-    while not ready.exists():
-        if proc.poll() is not None:
-            cause = start_failure_cause(log_path.read_text(errors="replace"))
-            raise InstanceStartFailed(instance_id, f"exit status {proc.returncode}", cause, str(log_path))
-        if time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            raise InstanceStartFailed(instance_id, f"not ready in {start_timeout:g}s",
-                                      start_failure_cause(log_path.read_text(errors="replace")),
+    while not _ready_from(ready, proc.pid):
+        exited = proc.poll() is not None
+        if exited or time.monotonic() > deadline:
+            how = f"exit status {proc.returncode}" if exited else f"not ready in {start_timeout:g}s"
+            await _end_group(proc)
+            raise InstanceStartFailed(instance_id, how, start_failure_cause(_read_from(log_path, log_start)),
                                       str(log_path))
         await asyncio.sleep(0.2)
     addr = json.loads(ready.read_text())

@@ -14,6 +14,7 @@ another file, is never touched.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
@@ -21,23 +22,27 @@ import time
 from llumigrate import procfs
 
 # What multiprocessing names its segments and semaphores (vLLM's queues use it).
+logger = logging.getLogger(__name__)
+
 _ENGINE_SHM = re.compile(r"^(psm_[0-9a-f]+|sem\.mp-[\w-]+)$")
 
 
 def engine_files() -> dict[str, int]:
-    """Every engine shared-memory file on this host now (any owner's): path -> inode."""
+    """Every engine shared-memory file of this user on this host now: path -> inode."""
     try:
         names = os.listdir(procfs.SHM_DIR)
     except OSError:
         return {}
-    out = {}
+    out, uid = {}, os.getuid()
     for name in names:
         if _ENGINE_SHM.match(name):
             path = os.path.join(procfs.SHM_DIR, name)
             try:
-                out[path] = os.stat(path).st_ino
-            except FileNotFoundError:
+                st = os.stat(path)
+            except OSError:
                 continue
+            if st.st_uid == uid:
+                out[path] = st.st_ino
     return out
 
 
@@ -48,8 +53,9 @@ def owned_by_group(pgid: int) -> dict[str, int]:
 
 
 def left_behind(before: dict[str, int]) -> set[str]:
-    """Engine shared-memory files created since `before` was taken that no
-    live process maps: what killed engines left (a check for tests)."""
+    """This user's engine shared-memory files created since `before` was
+    taken that no live process maps: what killed engines left (a check for
+    tests)."""
     live = procfs.shm_mapped()
     return {p for p, ino in engine_files().items() if before.get(p) != ino and ino not in live}
 
@@ -71,6 +77,8 @@ def release(owned: dict[str, int]) -> list[str]:
             removed.append(path)
         except FileNotFoundError:
             pass  # it shut down cleanly after all
+        except OSError as e:  # never let cleanup break a shutdown
+            logger.warning("cannot remove %s: %s", path, e)
     return removed
 
 
