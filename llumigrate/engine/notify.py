@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import shutil
 import socket
 import struct
@@ -81,13 +82,53 @@ class Notifier:
             self._sock = None
 
 
+DIR_PREFIX = "llumigrate-notify-"
+_DIR_NAME = re.compile(rf"^{DIR_PREFIX}(\d+)-")
+
+
+def remove_stale_dirs(parent: str | None = None) -> list[str]:
+    """Remove the private directories that agents killed before they could
+    (named after their pid) left in `parent` (default: the temp dir); the
+    ones removed. A directory whose agent runs, or of another user, stays."""
+    parent = parent or tempfile.gettempdir()
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        m = _DIR_NAME.match(name)
+        path = os.path.join(parent, name)
+        if m is None or _alive(int(m.group(1))):
+            continue
+        try:
+            if os.stat(path).st_uid != os.getuid():
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class NotifyListener:
     """Receiver side (the agent's event loop). `wait(kind, key)` returns the
     notification's fields; one that arrived before anyone waited is kept (a
     bounded number of them) so no ordering between the two sides matters."""
 
     def __init__(self) -> None:
-        self._dir = tempfile.mkdtemp(prefix="llumigrate-notify-")  # mode 0700
+        remove_stale_dirs()
+        self._dir = tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-")  # mode 0700
         self.path = os.path.join(self._dir, "engine.sock")
         self._server: asyncio.base_events.Server | None = None
         self._unclaimed: OrderedDict[tuple[str, str], dict] = OrderedDict()

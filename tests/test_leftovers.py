@@ -1,6 +1,8 @@
-"""`controller.shmreap` over a real process group that holds multiprocessing
-shared memory and a named semaphore, as vLLM's engine does, then is killed.
-(The stress test checks the same end to end on real engines.)"""
+"""What killed processes leave behind, and its removal: `controller.shmreap`
+over a real process group that holds multiprocessing shared memory and a
+named semaphore, as vLLM's engine does, then is killed (the stress test
+checks the same end to end on real engines); the private directories of
+killed agents (`engine.notify.remove_stale_dirs`)."""
 
 from __future__ import annotations
 
@@ -74,3 +76,17 @@ def test_left_behind_names_only_new_unmapped_files(holder):
     proc.wait()
     assert shmreap.left_behind({}) >= paths
     assert shmreap.left_behind(before) & paths == set()   # there before: not this run's
+
+
+def test_a_killed_agents_private_dir_is_removed_by_the_next_one(tmp_path):
+    from llumigrate.engine.notify import DIR_PREFIX, remove_stale_dirs
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"{DIR_PREFIX}{dead.pid}-abc"
+    live = tmp_path / f"{DIR_PREFIX}{os.getpid()}-abc"      # its agent still runs
+    other = tmp_path / "llumigrate-notify-olderformat"       # not named by pid: not ours to judge
+    for d in (stale, live, other):
+        d.mkdir()
+        (d / "engine.sock").write_bytes(b"")
+    assert remove_stale_dirs(str(tmp_path)) == [str(stale)]
+    assert not stale.exists() and live.exists() and other.exists()
