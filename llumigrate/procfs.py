@@ -58,6 +58,21 @@ def group_members(pgids: set[int]) -> list[int]:
     return sorted(out)
 
 
+def pid_alive(pid: int) -> bool:
+    """True when process `pid` exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
 def alive(pids: set[int]) -> list[int]:
     """The pids of `pids` that still run (zombies count as gone)."""
     return sorted(p for p in pids if (st := _stat(p)) is not None and st[0] != "Z")

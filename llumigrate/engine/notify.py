@@ -37,6 +37,8 @@ from typing import Any
 
 import msgpack
 
+from llumigrate.procfs import pid_alive
+
 logger = logging.getLogger(__name__)
 
 FRAME_HEADER = struct.Struct(">I")
@@ -99,7 +101,7 @@ def remove_stale_dirs(parent: str | None = None) -> list[str]:
     for name in names:
         m = _DIR_NAME.match(name)
         path = os.path.join(parent, name)
-        if m is None or _alive(int(m.group(1))):
+        if m is None or pid_alive(int(m.group(1))):
             continue
         try:
             if os.stat(path).st_uid != os.getuid():
@@ -109,16 +111,6 @@ def remove_stale_dirs(parent: str | None = None) -> list[str]:
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class NotifyListener:

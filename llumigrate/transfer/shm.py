@@ -17,6 +17,8 @@ import secrets
 
 import torch
 
+from llumigrate.procfs import pid_alive
+
 SHM_DIR = "/dev/shm"
 PREFIX = "llumigrate-"
 _NAME = re.compile(r"^llumigrate-(\d+)-[0-9a-f]{16}$")
@@ -112,18 +114,3 @@ def remove_stale_segments(pid: int | None = None) -> list[str]:
             unlink(name)
             removed.append(name)
     return removed
-
-
-def pid_alive(pid: int) -> bool:
-    """True when process `pid` exists and is not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
