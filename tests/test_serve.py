@@ -286,3 +286,48 @@ def test_an_instance_started_elsewhere_joins_and_leaves_cleanly(loop, service, t
     assert text == ref
     assert proc.returncode == 0 and "left the cluster" in out, out[-2000:]
     assert sorted(left) == ["i0", "i1"]
+
+
+def test_a_killed_instance_is_restarted_under_its_id(loop, service):
+    """SIGKILL one instance's agent and engine, as the OOM killer would: it
+    comes back under its id with a new process and serves again, the control
+    API saw it go down and come up, and the shared memory the killed engine
+    held is gone."""
+    cluster = service.cluster
+    old = cluster.instances["i1"]
+    old_pid, old_shm = old.process.pid, dict(old.shm_files)
+    assert old_shm, "the engine's shared memory was not recorded"
+
+    async def go():
+        ctl = _control(service)
+        events: list[tuple[str, str]] = []
+
+        async def watch():
+            async for e in ctl.watch_events(["instance_up", "instance_down"]):
+                events.append((e.kind, e.instance_id))
+        watcher = asyncio.get_running_loop().create_task(watch())
+        await asyncio.sleep(0.5)
+        try:
+            old.kill()
+            for _ in range(1800):
+                cur = cluster.instances.get("i1")
+                if cur is not None and cur is not old and cur.up:
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("i1 did not come back")
+            h = await cluster.submit([5, 6, 7, 8], {"max_tokens": 8, "temperature": 0}, instance="i1")
+            await h.wait(60)
+            states = {i.id: i.up for i in await ctl.list_instances()}
+            await asyncio.sleep(0.2)
+            return cur, h, states, list(events)
+        finally:
+            watcher.cancel()
+            await ctl.close()
+    new, h, states, events = loop.run(go(), timeout=300)
+    assert new.process.pid != old_pid
+    assert h.finished and h.error is None and len(h.output_token_ids) == 8
+    assert states == {"i0": True, "i1": True}
+    assert ("instance_down", "i1") in events and events.index(("instance_down", "i1")) < \
+        events.index(("instance_up", "i1"))
+    assert not any(os.path.exists(p) and os.stat(p).st_ino == ino for p, ino in old_shm.items())

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from llumigrate.control.server import DEFAULT_ADDRESS
 from llumigrate.controller.cluster import RETAIN_FINISHED
+from llumigrate.controller.restart import RestartPolicy
 from llumigrate.errors import ConfigError, InstanceStartFailed
 from llumigrate.migration.protocol import MigrationConfig
 from llumigrate.scheduler import DEFAULT_INTERVAL_S, DISPATCH_POLICIES, MIGRATION_POLICIES, SchedulerConfig
@@ -49,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "requests their memory bandwidth (CPU KV; 0: no limit; the final stop-and-copy "
                         "is never paced)")
     p.add_argument("--no-failover", action="store_true", help="fail a lost instance's requests")
+    p.add_argument("--no-restart", action="store_true",
+                   help="leave a lost instance down (default: start it again, backing off 1 s doubling to "
+                        "60 s; given up after 5 starts that fail in a row)")
     p.add_argument("--kv-transport", default="auto", choices=["auto", "shm", "tcp"])
     p.add_argument("--retain-finished", type=int, default=RETAIN_FINISHED,
                    help="finished requests (and migration results) kept listed on the control API "
@@ -104,7 +108,8 @@ def build_config(args: argparse.Namespace, model: str | None, engine_args: list[
                                   precopy_rate_mib_s=args.precopy_rate_mib_s),
         interval_s=args.scheduler_interval, failover=not args.no_failover,
         kv_transport=args.kv_transport, engine_spin_ms=args.engine_spin_ms,
-        retain_finished=args.retain_finished, log_level=args.log_level, run_dir=args.run_dir)
+        retain_finished=args.retain_finished, log_level=args.log_level, run_dir=args.run_dir,
+        restart=None if args.no_restart else RestartPolicy())
 
 
 async def serve(config) -> int:

@@ -8,7 +8,9 @@
 It starts (or connects to) agents, routes each hop's token events into the
 request's `RequestHandle`, keeps each instance's latest load report, and runs
 migrations through the `Coordinator`. When an instance dies, its requests are
-replayed elsewhere (`failover.py`) unless `failover=False`. Everything that
+replayed elsewhere (`failover.py`) unless `failover=False`; with a `restart`
+policy, a lost local instance that was not draining is started again under
+its id, after a backoff (`restart.py`). Everything that
 happens is told to a `ClusterListener` (the scheduler's events and metrics).
 Placement is the caller's: `submit(instance=...)`; without one, the instance
 with the fewest unfinished requests of ours.
@@ -32,7 +34,9 @@ from llumigrate.controller.failover import FailoverSteps
 from llumigrate.controller.instance import Instance, spawn_agent
 from llumigrate.controller.listener import ClusterListener
 from llumigrate.controller.request import RequestHandle
-from llumigrate.errors import ConfigError, InstanceLost, InstanceNotFound, MigrationRefused, RequestNotFound
+from llumigrate.controller.restart import CrashRecord, RestartPolicy
+from llumigrate.errors import (ConfigError, InstanceLost, InstanceNotFound, InstanceStartFailed, MigrationRefused,
+                               RequestNotFound)
 from llumigrate.migration.faults import FaultHook
 from llumigrate.migration.protocol import MigrationConfig
 
@@ -76,7 +80,7 @@ class Cluster(FailoverSteps):
                  kv_transport: str = "auto", token: str | None = None, failover: bool = True,
                  engine_spin_ms: float | None = None,
                  listener: ClusterListener | None = None, fault: FaultHook | None = None,
-                 retain_finished: int = RETAIN_FINISHED) -> None:
+                 retain_finished: int = RETAIN_FINISHED, restart: RestartPolicy | None = None) -> None:
         if num_instances < 0:
             raise ConfigError(f"num_instances must be >= 0, got {num_instances}")
         if retain_finished < 0:
@@ -103,6 +107,8 @@ class Cluster(FailoverSteps):
         self._finished: deque[RequestHandle] = deque()  # finished handles still listed, oldest first
         self._closing = False
         self._tasks: set[asyncio.Task] = set()
+        self.restart = restart
+        self._crashes: dict[str, CrashRecord] = {}
 
     # -- lifecycle -------------------------------------------------------------
     async def start(self) -> Cluster:
@@ -116,11 +122,14 @@ class Cluster(FailoverSteps):
         """Start a local agent and add it."""
         if instance_id in self.instances:
             raise ConfigError(f"instance id {instance_id!r} already in use")
-        inst = await spawn_agent(instance_id, self.model, self.engine_args, self.run_dir,
-                                 token=self.token, kv_transport=self.kv_transport, env=env,
-                                 engine_spin_ms=self.engine_spin_ms)
+        inst = await self._start_agent(instance_id, env)
         await self.add_instance(inst)
         return inst
+
+    async def _start_agent(self, instance_id: str, env: dict[str, str] | None) -> Instance:
+        return await spawn_agent(instance_id, self.model, self.engine_args, self.run_dir,
+                                 token=self.token, kv_transport=self.kv_transport, env=env,
+                                 engine_spin_ms=self.engine_spin_ms)
 
     async def attach(self, instance_id: str, host: str, port: int) -> Instance:
         """Add an agent that runs elsewhere (e.g. `llumigrate instance` on another host)."""
@@ -135,6 +144,7 @@ class Cluster(FailoverSteps):
         await inst.connect(self._on_event, lambda: self._on_lost(inst, "connection lost"),
                            token=self.token)
         self.instances[inst.instance_id] = inst
+        self._crashes.setdefault(inst.instance_id, CrashRecord()).on_up(time.monotonic())
         self._notify("on_instance_up", inst.instance_id, inst.info)
 
     async def remove_instance(self, instance_id: str) -> None:
@@ -322,11 +332,52 @@ class Cluster(FailoverSteps):
             return
         logger.error("instance %s lost: %s", inst.instance_id, reason)
         self._notify("on_instance_down", inst.instance_id, reason)
-        self._spawn(inst.release_shm(wait_s=30.0))  # a killed engine could not remove it
+        if self.restart is not None and inst.process is not None and not inst.draining:
+            self._spawn(self._restart(inst))  # releases its shared memory first
+        else:
+            self._spawn(inst.release_shm(wait_s=30.0))  # a killed engine could not remove it
         for h in list(self.requests.values()):
             if h.instance_id == inst.instance_id and not h.finished and not h.migrating \
                     and h.request_id not in self._submitting:
                 self._lost_request(h, f"instance {inst.instance_id} lost")
+
+    async def _restart(self, lost: Instance) -> None:
+        """Start lost local instance `lost` again under its id, after the
+        policy's backoff; a failed start is retried until the policy gives
+        up. Nothing happens once its id was removed or taken (a remote agent
+        that joined under it) or the cluster closes."""
+        assert self.restart is not None
+        iid = lost.instance_id
+        record = self._crashes.setdefault(iid, CrashRecord())
+        crashes = record.on_lost(time.monotonic(), self.restart)
+        await lost.close(timeout=1.0)   # reaps its process, removes the shared memory it held
+        while True:
+            delay = self.restart.delay(crashes)
+            logger.warning("instance %s: restarting it in %.1f s (crash %d in a row)", iid, delay, crashes)
+            await asyncio.sleep(delay)
+            if self._closing or lost.removed or self.instances.get(iid) is not lost:
+                return
+            inst: Instance | None = None
+            try:
+                inst = await self._start_agent(iid, cpu_threads(self.num_instances))
+                if self._closing or lost.removed or self.instances.get(iid) is not lost:
+                    await inst.close()
+                    return
+                await self.add_instance(inst)
+                logger.warning("instance %s: restarted", iid)
+                return
+            except (InstanceLost, OSError) as e:   # did not start, or died at once
+                if inst is not None:
+                    await inst.close()
+                give_up = record.on_failed_start(self.restart)
+                crashes = record.crashes
+                cause = e.cause if isinstance(e, InstanceStartFailed) else str(e)
+                if give_up:
+                    logger.error("instance %s: not restarted again after %d failed starts: %s",
+                                 iid, record.failed_starts, e)
+                    self._notify("on_instance_down", iid, f"not restarted: {cause}")
+                    return
+                logger.error("instance %s: restart failed: %s", iid, e)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

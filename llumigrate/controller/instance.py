@@ -150,6 +150,17 @@ async def _end_group(proc: subprocess.Popen) -> None:
     await asyncio.to_thread(shmreap.release_after_group, proc.pid, owned, 10.0)
 
 
+def _end_group_now(proc: subprocess.Popen) -> None:
+    """`_end_group` where awaiting is no longer possible (a cancelled start)."""
+    owned = shmreap.owned_by_group(proc.pid)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+    shmreap.release_after_group(proc.pid, owned, 2.0)
+
+
 def spin_args(engine_spin_ms: float | None) -> list[str]:
     """The agent's `--engine-spin-ms` (none: the agent's own default)."""
     return [] if engine_spin_ms is None else ["--engine-spin-ms", str(float(engine_spin_ms))]
@@ -175,14 +186,18 @@ async def spawn_agent(instance_id: str, model: str, engine_argv: list[str], run_
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
     deadline = time.monotonic() + start_timeout
-    while not _ready_from(ready, proc.pid):
-        exited = proc.poll() is not None
-        if exited or time.monotonic() > deadline:
-            how = f"exit status {proc.returncode}" if exited else f"not ready in {start_timeout:g}s"
-            await _end_group(proc)
-            raise InstanceStartFailed(instance_id, how, start_failure_cause(_read_from(log_path, log_start)),
-                                      str(log_path))
-        await asyncio.sleep(0.2)
+    try:
+        while not _ready_from(ready, proc.pid):
+            exited = proc.poll() is not None
+            if exited or time.monotonic() > deadline:
+                how = f"exit status {proc.returncode}" if exited else f"not ready in {start_timeout:g}s"
+                await _end_group(proc)
+                raise InstanceStartFailed(instance_id, how,
+                                          start_failure_cause(_read_from(log_path, log_start)), str(log_path))
+            await asyncio.sleep(0.2)
+    except asyncio.CancelledError:   # e.g. the cluster closes while this start is under way
+        _end_group_now(proc)
+        raise
     addr = json.loads(ready.read_text())
     # The agent's engine is up by now (the agent says ready after it): note
     # the shared memory its processes hold, to remove if they are killed.

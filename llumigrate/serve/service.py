@@ -19,6 +19,7 @@ from pathlib import Path
 from llumigrate.control.events import EventBus
 from llumigrate.control.server import DEFAULT_ADDRESS, ControlServer, ControlServerConfig
 from llumigrate.controller.cluster import RETAIN_FINISHED, Cluster
+from llumigrate.controller.restart import RestartPolicy
 from llumigrate.errors import ConfigError
 from llumigrate.frontend.app import build_app
 from llumigrate.frontend.metrics import Metrics
@@ -55,6 +56,7 @@ class ServeConfig:
     retain_finished: int = RETAIN_FINISHED  # finished requests kept listed
     run_dir: str | None = None
     log_level: str = "info"
+    restart: RestartPolicy | None = field(default_factory=RestartPolicy)  # None: a lost instance stays down
 
     def __post_init__(self) -> None:
         if self.num_instances < 0:
@@ -77,7 +79,7 @@ class Service:
                                kv_transport=config.kv_transport, token=config.token,
                                failover=config.failover, listener=self.observer,
                                engine_spin_ms=config.engine_spin_ms,
-                               retain_finished=config.retain_finished)
+                               retain_finished=config.retain_finished, restart=config.restart)
         self.scheduler = GlobalScheduler(self.cluster, config.scheduler, self.observer,
                                          interval_s=config.interval_s)
         self.control = ControlServer(ClusterControlBackend(self.scheduler, self.bus),
