@@ -128,34 +128,66 @@ def _first_ok(start_agent):
     return wrapped
 
 
-def test_a_start_that_fails_once_is_retried():
+def test_starts_that_fail_are_retried_until_one_works():
     async def go():
-        c, rec, starts = _cluster(fail_starts=2)   # spawn's own start fails too: skip it
+        c, rec, starts = _cluster(fail_starts=2)
         c._start_agent = _first_ok(c._start_agent)
         first = await c.spawn("i0")
         c._on_lost(first, "connection lost")
         await _settle(c)
-        return c, rec
-    c, rec = asyncio.run(go())
-    assert c.instances["i0"].up and rec.ups[-1][0] == "i0"
+        return c, rec, starts
+    c, rec, starts = asyncio.run(go())
+    assert len(starts) == 3                          # two failed restarts, then one that works
+    assert c.instances["i0"].up and rec.ups == [("i0", 0), ("i0", 3)]
 
 
-@pytest.mark.parametrize("case", ["draining", "remote", "removed", "no_policy"])
+@pytest.mark.parametrize("case", ["draining", "remote", "no_policy",
+                                  "drained_meanwhile", "removed_meanwhile"])
 def test_what_is_not_restarted(case):
+    """A draining or remote instance, or none without a policy; nor one that
+    is drained or removed while its restart waits out the backoff."""
     async def go():
         c, rec, starts = _cluster()
-        if case == "no_policy":
-            c.restart = None
+        c.restart = None if case == "no_policy" else RestartPolicy(backoff_s=0.2)
         first = await c.spawn("i0")
-        if case == "draining":
-            first.draining = True
+        first.draining = case == "draining"
         if case == "remote":
             first.process = None
         c._on_lost(first, "connection lost")
-        if case == "removed":
-            await c.remove_instance("i0")            # while its restart waits out the backoff
+        await asyncio.sleep(0.05)                    # the restart is waiting now
+        if case == "drained_meanwhile":
+            c.drain("i0")
+        if case == "removed_meanwhile":
+            await c.remove_instance("i0")
         await _settle(c)
         return c, starts
     c, starts = asyncio.run(go())
     assert starts == [0]
     assert "i0" not in c.instances or c.instances["i0"].up is False
+
+
+def test_closing_during_a_restart_closes_the_agent_it_started():
+    started: list[FakeAgent] = []
+
+    class SlowToConnect(FakeAgent):
+        async def connect(self, on_event, on_lost, token=None) -> None:
+            await asyncio.sleep(10)
+
+    async def go():
+        c, rec, starts = _cluster()
+        first = await c.spawn("i0")
+
+        async def start_agent(instance_id, env):
+            started.append(SlowToConnect(instance_id, 2))
+            return started[-1]
+        c._start_agent = start_agent  # type: ignore[method-assign]
+        c._on_lost(first, "connection lost")
+        for _ in range(100):
+            if started:
+                break
+            await asyncio.sleep(0.01)
+        await c.close()
+        return c
+    c = asyncio.run(go())
+    assert len(started) == 1 and started[0].closed
+    assert c.instances["i0"].generation == 1          # the lost one, never replaced

@@ -109,6 +109,7 @@ class Cluster(FailoverSteps):
         self._tasks: set[asyncio.Task] = set()
         self.restart = restart
         self._crashes: dict[str, CrashRecord] = {}
+        self._envs: dict[str, dict[str, str] | None] = {}   # what each local instance was started with
 
     # -- lifecycle -------------------------------------------------------------
     async def start(self) -> Cluster:
@@ -123,7 +124,12 @@ class Cluster(FailoverSteps):
         if instance_id in self.instances:
             raise ConfigError(f"instance id {instance_id!r} already in use")
         inst = await self._start_agent(instance_id, env)
-        await self.add_instance(inst)
+        self._envs[instance_id] = env
+        try:
+            await self.add_instance(inst)
+        except BaseException:
+            await inst.close()
+            raise
         return inst
 
     async def _start_agent(self, instance_id: str, env: dict[str, str] | None) -> Instance:
@@ -141,8 +147,16 @@ class Cluster(FailoverSteps):
         return inst
 
     async def add_instance(self, inst: Instance) -> None:
+        await self._connect(inst)
+        self._register(inst)
+
+    async def _connect(self, inst: Instance) -> None:
         await inst.connect(self._on_event, lambda: self._on_lost(inst, "connection lost"),
                            token=self.token)
+        if not inst.up:  # lost while it connected: never listed
+            raise InstanceLost(f"instance {inst.instance_id} was lost while it connected")
+
+    def _register(self, inst: Instance) -> None:
         self.instances[inst.instance_id] = inst
         self._crashes.setdefault(inst.instance_id, CrashRecord()).on_up(time.monotonic())
         self._notify("on_instance_up", inst.instance_id, inst.info)
@@ -161,8 +175,11 @@ class Cluster(FailoverSteps):
 
     async def close(self) -> None:
         self._closing = True
-        for t in list(self._tasks):
+        tasks = list(self._tasks)
+        for t in tasks:
             t.cancel()
+        if tasks:  # a restart under way closes the agent it started
+            await asyncio.wait(tasks, timeout=30)
         await asyncio.gather(*(i.close() for i in self.instances.values()), return_exceptions=True)
 
     async def __aenter__(self) -> Cluster:
@@ -246,7 +263,7 @@ class Cluster(FailoverSteps):
         if len(self.migrations) > 2 * self.retain_finished:  # trimmed in batches: amortised O(1)
             del self.migrations[: len(self.migrations) - self.retain_finished]
         self._notify("on_migration_done", result)
-        if not h.finished and not self.instances[h.instance_id].up:
+        if not h.finished and not (dst if h.instance_id == dst.instance_id else src).up:
             self._lost_request(h, f"instance {h.instance_id} lost during a migration")
         return result
 
@@ -328,8 +345,8 @@ class Cluster(FailoverSteps):
 
     def _on_lost(self, inst: Instance, reason: str) -> None:
         inst.up = False
-        if self._closing or inst.removed:
-            return
+        if self._closing or inst.removed or self.instances.get(inst.instance_id) is not inst:
+            return  # shutting down, removed, or never listed (or listed no more)
         logger.error("instance %s lost: %s", inst.instance_id, reason)
         self._notify("on_instance_down", inst.instance_id, reason)
         if self.restart is not None and inst.process is not None and not inst.draining:
@@ -342,47 +359,60 @@ class Cluster(FailoverSteps):
                 self._lost_request(h, f"instance {inst.instance_id} lost")
 
     async def _restart(self, lost: Instance) -> None:
-        """Start lost local instance `lost` again under its id, after the
-        policy's backoff; a failed start is retried until the policy gives
-        up. Nothing happens once its id was removed or taken (a remote agent
-        that joined under it) or the cluster closes."""
+        """Start lost local instance `lost` again under its id, with what it
+        was started with, after the policy's backoff; a failed start is
+        retried until the policy gives up. Nothing happens once its id was
+        removed, drained or taken (a remote agent that joined under it), or
+        the cluster closes; an agent started meanwhile is closed again."""
         assert self.restart is not None
         iid = lost.instance_id
         record = self._crashes.setdefault(iid, CrashRecord())
         crashes = record.on_lost(time.monotonic(), self.restart)
-        await lost.close(timeout=1.0)   # reaps its process, removes the shared memory it held
+        await lost.close(timeout=1.0)   # reaps its process group, removes the shared memory it held
         while True:
             delay = self.restart.delay(crashes)
             logger.warning("instance %s: restarting it in %.1f s (crash %d in a row)", iid, delay, crashes)
             await asyncio.sleep(delay)
-            if self._closing or lost.removed or self.instances.get(iid) is not lost:
+            if not self._replaceable(lost):
                 return
             inst: Instance | None = None
             try:
-                inst = await self._start_agent(iid, cpu_threads(self.num_instances))
-                if self._closing or lost.removed or self.instances.get(iid) is not lost:
-                    await inst.close()
+                inst = await self._start_agent(iid, self._envs.get(iid, cpu_threads(self.num_instances)))
+                await self._connect(inst)
+                if not self._replaceable(lost):
                     return
-                await self.add_instance(inst)
+                self._register(inst)
+                inst = None   # listed: the cluster's now
                 logger.warning("instance %s: restarted", iid)
                 return
-            except (InstanceLost, OSError) as e:   # did not start, or died at once
-                if inst is not None:
-                    await inst.close()
+            except Exception as e:   # did not start, or died at once
                 give_up = record.on_failed_start(self.restart)
                 crashes = record.crashes
-                cause = e.cause if isinstance(e, InstanceStartFailed) else str(e)
+                cause = e.cause if isinstance(e, InstanceStartFailed) else f"{type(e).__name__}: {e}"
                 if give_up:
                     logger.error("instance %s: not restarted again after %d failed starts: %s",
                                  iid, record.failed_starts, e)
                     self._notify("on_instance_down", iid, f"not restarted: {cause}")
                     return
                 logger.error("instance %s: restart failed: %s", iid, e)
+            finally:
+                if inst is not None:
+                    await inst.close()
+
+    def _replaceable(self, lost: Instance) -> bool:
+        """Whether a restart may still put a new instance in `lost`'s place."""
+        return (not self._closing and not lost.removed and not lost.draining
+                and self.instances.get(lost.instance_id) is lost)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("cluster task %s failed", task.get_coro(), exc_info=task.exception())
 
     def _notify(self, method: str, *args: Any) -> None:
         try:

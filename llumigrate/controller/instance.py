@@ -97,7 +97,7 @@ class Instance:
                 await asyncio.sleep(0.1)
             if self.process.poll() is None:
                 os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+                await asyncio.to_thread(self.process.wait)
             else:  # reap engine children left in the agent's process group
                 try:
                     os.killpg(self.process.pid, signal.SIGKILL)

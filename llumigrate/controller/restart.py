@@ -1,7 +1,9 @@
 """When a lost local instance is started again under its id: `RestartPolicy`
 (exponential backoff; giving up after starts that fail in a row) and the
 per-instance `CrashRecord` it is applied to. Pure: `Cluster` does the waiting
-and the starting."""
+and the starting. An instance that starts and later crashes again is
+restarted again (at most every `max_backoff_s` while it keeps crashing):
+only starts that fail count towards giving up."""
 
 from __future__ import annotations
 
@@ -18,8 +20,8 @@ class RestartPolicy:
     stable_s: float = 300.0       # up this long, and the crashes before are forgotten
 
     def __post_init__(self) -> None:
-        if not (0 <= self.backoff_s <= self.max_backoff_s):
-            raise ConfigError(f"need 0 <= backoff_s <= max_backoff_s, got {self.backoff_s}, {self.max_backoff_s}")
+        if not (0 < self.backoff_s <= self.max_backoff_s):
+            raise ConfigError(f"need 0 < backoff_s <= max_backoff_s, got {self.backoff_s}, {self.max_backoff_s}")
         if self.max_failed_starts < 1 or self.stable_s < 0:
             raise ConfigError("max_failed_starts must be >= 1 and stable_s >= 0")
 
