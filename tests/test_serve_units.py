@@ -251,7 +251,9 @@ def test_freezing_the_startup_heap_hides_it_from_collections():
     from llumigrate.gcheap import freeze_startup_heap
     try:
         frozen = freeze_startup_heap()
-        assert frozen == gc.get_freeze_count() > 10_000   # this process's imports
+        # This process's imports. (Other threads here, e.g. the shared
+        # service's loop, may free a few frozen objects meanwhile.)
+        assert frozen > 10_000 and frozen - 1_000 <= gc.get_freeze_count() <= frozen
         cycles = [[] for _ in range(1000)]                 # allocated after: still collected as usual
         for c in cycles:
             c.append(c)
