@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from llumigrate.controller.cluster import Cluster
 from llumigrate.controller.request import RequestHandle
-from llumigrate.errors import InstanceLost
+from llumigrate.errors import ConfigError, InstanceLost
 
 
 class FakeInstance:
@@ -158,3 +160,32 @@ def test_an_instance_lost_during_submit_leaves_the_request_to_the_submitter():
     assert h is None and failovers == [] and requests == {}
     h, failovers, requests = asyncio.run(go(fail_call=False))
     assert h is not None and failovers == ["i1"] and h.instance_id == "i1" and requests == {"r": h}
+
+
+def test_a_request_whose_instances_keep_dying_is_replayed_at_most_max_failovers_times():
+    """A request may be what kills its engine (a poison request): replayed
+    without end it would take down every instance in turn. With
+    max_failovers=1 it is replayed once; when that instance dies too, it
+    fails with a clear error and is not sent anywhere else."""
+    async def go():
+        c = Cluster("unused-model", 0, max_failovers=1)
+        c.instances = {i: FakeInstance(i, True) for i in ("i0", "i1", "i2")}
+        h = RequestHandle("r", [5, 6, 7], {"temperature": 0.0, "max_tokens": 8}, 0, "i0")
+        c.requests["r"] = h
+        c.instances["i0"].up = False
+        c._lost_request(h, "instance i0 lost")
+        await asyncio.sleep(0.05)
+        first_hop = h.instance_id
+        c.instances[first_hop].up = False
+        c._lost_request(h, f"instance {first_hop} lost")
+        await asyncio.sleep(0.05)
+        again = await c._failover(h)   # the migration path's failover is held to it too
+        return c, h, first_hop, again
+    c, h, first_hop, again = asyncio.run(go())
+    assert first_hop != "i0" and h.num_failovers == 1
+    assert h.finished and h.finish_reason == "error" and "not replayed again" in h.error
+    assert again is False
+    others = [i for i in ("i1", "i2") if i != first_hop]
+    assert not [m for m, _ in c.instances[others[0]].calls if m == "generate"]
+    with pytest.raises(ConfigError):
+        Cluster("unused-model", 0, max_failovers=-1)

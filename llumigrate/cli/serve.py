@@ -50,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "requests their memory bandwidth (CPU KV; 0: no limit; the final stop-and-copy "
                         "is never paced)")
     p.add_argument("--no-failover", action="store_true", help="fail a lost instance's requests")
+    p.add_argument("--max-failovers", type=int, default=1,
+                   help="replays of one request when its instance dies; a request whose instance dies "
+                        "again after that fails (it may be what kills them), -1: no limit")
     p.add_argument("--no-restart", action="store_true",
                    help="leave a lost instance down (default: start it again, backing off 1 s doubling to "
                         "60 s; given up after 5 starts that fail in a row)")
@@ -109,7 +112,8 @@ def build_config(args: argparse.Namespace, model: str | None, engine_args: list[
         interval_s=args.scheduler_interval, failover=not args.no_failover,
         kv_transport=args.kv_transport, engine_spin_ms=args.engine_spin_ms,
         retain_finished=args.retain_finished, log_level=args.log_level, run_dir=args.run_dir,
-        restart=None if args.no_restart else RestartPolicy())
+        restart=None if args.no_restart else RestartPolicy(),
+        max_failovers=None if args.max_failovers < 0 else args.max_failovers)
 
 
 async def serve(config) -> int:

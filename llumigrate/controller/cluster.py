@@ -8,7 +8,8 @@
 It starts (or connects to) agents, routes each hop's token events into the
 request's `RequestHandle`, keeps each instance's latest load report, and runs
 migrations through the `Coordinator`. When an instance dies, its requests are
-replayed elsewhere (`failover.py`) unless `failover=False`; with a `restart`
+replayed elsewhere (`failover.py`; at most `max_failovers` times each) unless
+`failover=False`; with a `restart`
 policy, a lost local instance that was not draining is started again under
 its id, after a backoff (`restart.py`). Everything that
 happens is told to a `ClusterListener` (the scheduler's events and metrics).
@@ -80,7 +81,8 @@ class Cluster(FailoverSteps):
                  kv_transport: str = "auto", token: str | None = None, failover: bool = True,
                  engine_spin_ms: float | None = None,
                  listener: ClusterListener | None = None, fault: FaultHook | None = None,
-                 retain_finished: int = RETAIN_FINISHED, restart: RestartPolicy | None = None) -> None:
+                 retain_finished: int = RETAIN_FINISHED, restart: RestartPolicy | None = None,
+                 max_failovers: int | None = None) -> None:
         if num_instances < 0:
             raise ConfigError(f"num_instances must be >= 0, got {num_instances}")
         if retain_finished < 0:
@@ -94,6 +96,9 @@ class Cluster(FailoverSteps):
         self.engine_spin_ms = engine_spin_ms
         self.token = token
         self.failover = failover
+        if max_failovers is not None and max_failovers < 0:
+            raise ConfigError(f"max_failovers must be >= 0, got {max_failovers}")
+        self.max_failovers = max_failovers
         self.listener = listener or ClusterListener()
         self.fault = fault
         self.instances: dict[str, Instance] = {}

@@ -50,6 +50,10 @@ class FailoverSteps:
     """How `Cluster` continues the requests of a lost instance (mixed into it)."""
 
     failover: bool
+    # Replays one request may get (None: no limit). A request whose instances
+    # keep dying under it may be what kills them (a poison request): replayed
+    # without end it would take down every instance in turn.
+    max_failovers: int | None
     instances: dict[str, Instance]
 
     def _pick(self, exclude: str | set[str] | None = None) -> Instance:
@@ -64,9 +68,17 @@ class FailoverSteps:
     def _spawn(self, coro: Any) -> None:
         raise NotImplementedError
 
+    def _replays_left(self, h: RequestHandle) -> bool:
+        return self.max_failovers is None or h.num_failovers < self.max_failovers
+
     def _lost_request(self, h: RequestHandle, reason: str) -> None:
         if not self.failover:
             h.finish("error", error=reason)
+            return
+        if not self._replays_left(h):
+            logger.error("%s: %s; not replayed again after %d replay(s)", h.request_id, reason, h.num_failovers)
+            h.finish("error", error=f"{reason}; not replayed again: the instance died under it after "
+                                    f"{h.num_failovers} replay(s) (at most {self.max_failovers})")
             return
 
         async def go() -> None:
@@ -79,6 +91,9 @@ class FailoverSteps:
         be going down too), and last on its own instance if that is still up
         (a migration rollback whose resumed hop found its hold gone, with
         every other instance down); False if none took it."""
+        if not self._replays_left(h):
+            logger.error("%s: not replayed again after %d replay(s)", h.request_id, h.num_failovers)
+            return False
         source, tried, own_tried = h.instance_id, {h.instance_id}, False
         while True:
             try:

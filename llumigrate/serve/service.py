@@ -57,6 +57,7 @@ class ServeConfig:
     run_dir: str | None = None
     log_level: str = "info"
     restart: RestartPolicy | None = field(default_factory=RestartPolicy)  # None: a lost instance stays down
+    max_failovers: int | None = 1    # replays per request when instances die under it (None: no limit)
 
     def __post_init__(self) -> None:
         if self.num_instances < 0:
@@ -79,7 +80,8 @@ class Service:
                                kv_transport=config.kv_transport, token=config.token,
                                failover=config.failover, listener=self.observer,
                                engine_spin_ms=config.engine_spin_ms,
-                               retain_finished=config.retain_finished, restart=config.restart)
+                               retain_finished=config.retain_finished, restart=config.restart,
+                               max_failovers=config.max_failovers)
         self.scheduler = GlobalScheduler(self.cluster, config.scheduler, self.observer,
                                          interval_s=config.interval_s)
         self.control = ControlServer(ClusterControlBackend(self.scheduler, self.bus),
