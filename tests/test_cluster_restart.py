@@ -68,7 +68,10 @@ class Recorder(ClusterListener):
         self.downs.append((instance_id, reason))
 
 
-def _cluster(fail_starts: int = 0, **policy) -> tuple[Cluster, Recorder, list[int]]:
+def _cluster(fail_starts: int = 0, first_ok: bool = False,
+             **policy) -> tuple[Cluster, Recorder, list[int]]:
+    """A cluster whose agent starts fail the first `fail_starts` times
+    (`first_ok`: not counting the first one, spawn's, which always works)."""
     rec = Recorder()
     c = Cluster("unused-model", 0, listener=rec,
                 restart=RestartPolicy(backoff_s=0.01, max_backoff_s=0.04, **policy))
@@ -79,42 +82,8 @@ def _cluster(fail_starts: int = 0, **policy) -> tuple[Cluster, Recorder, list[in
         if len(starts) <= fail_starts:
             raise InstanceStartFailed(instance_id, "exit status 1", "ValueError: no room", "/x/i0.log")
         return FakeAgent(instance_id, len(starts))
-    c._start_agent = start_agent  # type: ignore[method-assign]
+    c._start_agent = _first_ok(start_agent) if first_ok else start_agent  # type: ignore[method-assign]
     return c, rec, starts
-
-
-async def _settle(c: Cluster) -> None:
-    for _ in range(200):
-        if not c._tasks:
-            return
-        await asyncio.sleep(0.01)
-
-
-def test_a_lost_local_instance_comes_back_under_its_id():
-    async def go():
-        c, rec, starts = _cluster()
-        first = await c.spawn("i0")
-        c._on_lost(first, "connection lost")
-        await _settle(c)
-        return c, rec, first
-    c, rec, first = asyncio.run(go())
-    assert first.closed                              # reaped, its shared memory released
-    assert c.instances["i0"] is not first and c.instances["i0"].up
-    assert rec.ups == [("i0", 1), ("i0", 2)] and rec.downs == [("i0", "connection lost")]
-
-
-def test_a_start_that_keeps_failing_is_given_up_and_said():
-    async def go():
-        c, rec, starts = _cluster(fail_starts=10, max_failed_starts=3)
-        c._start_agent = _first_ok(c._start_agent)
-        first = await c.spawn("i0")
-        c._on_lost(first, "connection lost")
-        await _settle(c)
-        return c, rec, starts
-    c, rec, starts = asyncio.run(go())
-    assert len(starts) == 3                          # three failed restarts, then no more
-    assert c.instances["i0"].up is False
-    assert rec.downs[-1] == ("i0", "not restarted: ValueError: no room")
 
 
 def _first_ok(start_agent):
@@ -128,13 +97,46 @@ def _first_ok(start_agent):
     return wrapped
 
 
+async def _lose_once(c: Cluster) -> FakeAgent:
+    """Spawn i0, lose it, and let its restart run its course."""
+    first = await c.spawn("i0")
+    c._on_lost(first, "connection lost")
+    await _settle(c)
+    return first
+
+
+async def _settle(c: Cluster) -> None:
+    for _ in range(200):
+        if not c._tasks:
+            return
+        await asyncio.sleep(0.01)
+
+
+def test_a_lost_local_instance_comes_back_under_its_id():
+    async def go():
+        c, rec, starts = _cluster()
+        return c, rec, await _lose_once(c)
+    c, rec, first = asyncio.run(go())
+    assert first.closed                              # reaped, its shared memory released
+    assert c.instances["i0"] is not first and c.instances["i0"].up
+    assert rec.ups == [("i0", 1), ("i0", 2)] and rec.downs == [("i0", "connection lost")]
+
+
+def test_a_start_that_keeps_failing_is_given_up_and_said():
+    async def go():
+        c, rec, starts = _cluster(fail_starts=10, first_ok=True, max_failed_starts=3)
+        await _lose_once(c)
+        return c, rec, starts
+    c, rec, starts = asyncio.run(go())
+    assert len(starts) == 3                          # three failed restarts, then no more
+    assert c.instances["i0"].up is False
+    assert rec.downs[-1] == ("i0", "not restarted: ValueError: no room")
+
+
 def test_starts_that_fail_are_retried_until_one_works():
     async def go():
-        c, rec, starts = _cluster(fail_starts=2)
-        c._start_agent = _first_ok(c._start_agent)
-        first = await c.spawn("i0")
-        c._on_lost(first, "connection lost")
-        await _settle(c)
+        c, rec, starts = _cluster(fail_starts=2, first_ok=True)
+        await _lose_once(c)
         return c, rec, starts
     c, rec, starts = asyncio.run(go())
     assert len(starts) == 3                          # two failed restarts, then one that works

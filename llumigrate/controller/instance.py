@@ -138,27 +138,17 @@ def _read_from(path: Path, offset: int) -> str:
         return f.read().decode(errors="replace")
 
 
-async def _end_group(proc: subprocess.Popen) -> None:
+def _end_group(proc: subprocess.Popen, wait_s: float) -> None:
     """Kill what is left of a failed agent's process group (its engine may
-    outlive it) and remove the shared memory it held."""
-    owned = await asyncio.to_thread(shmreap.owned_by_group, proc.pid)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    await asyncio.to_thread(proc.wait)
-    await asyncio.to_thread(shmreap.release_after_group, proc.pid, owned, 10.0)
-
-
-def _end_group_now(proc: subprocess.Popen) -> None:
-    """`_end_group` where awaiting is no longer possible (a cancelled start)."""
+    outlive it) and remove the shared memory it held (waiting up to `wait_s`
+    for the group to be gone). Blocking: run it off the event loop."""
     owned = shmreap.owned_by_group(proc.pid)
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     proc.wait()
-    shmreap.release_after_group(proc.pid, owned, 2.0)
+    shmreap.release_after_group(proc.pid, owned, wait_s)
 
 
 def spin_args(engine_spin_ms: float | None) -> list[str]:
@@ -191,12 +181,12 @@ async def spawn_agent(instance_id: str, model: str, engine_argv: list[str], run_
             exited = proc.poll() is not None
             if exited or time.monotonic() > deadline:
                 how = f"exit status {proc.returncode}" if exited else f"not ready in {start_timeout:g}s"
-                await _end_group(proc)
+                await asyncio.to_thread(_end_group, proc, 10.0)
                 raise InstanceStartFailed(instance_id, how,
                                           start_failure_cause(_read_from(log_path, log_start)), str(log_path))
             await asyncio.sleep(0.2)
     except asyncio.CancelledError:   # e.g. the cluster closes while this start is under way
-        _end_group_now(proc)
+        _end_group(proc, 2.0)        # on the loop: a cancelled task can no longer await
         raise
     addr = json.loads(ready.read_text())
     # The agent's engine is up by now (the agent says ready after it): note

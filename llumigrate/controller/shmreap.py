@@ -21,9 +21,9 @@ import time
 
 from llumigrate import procfs
 
-# What multiprocessing names its segments and semaphores (vLLM's queues use it).
 logger = logging.getLogger(__name__)
 
+# What multiprocessing names its segments and semaphores (vLLM's queues use it).
 _ENGINE_SHM = re.compile(r"^(psm_[0-9a-f]+|sem\.mp-[\w-]+)$")
 
 

@@ -17,9 +17,8 @@ import secrets
 
 import torch
 
-from llumigrate.procfs import pid_alive
+from llumigrate.procfs import SHM_DIR, pid_alive
 
-SHM_DIR = "/dev/shm"
 PREFIX = "llumigrate-"
 _NAME = re.compile(r"^llumigrate-(\d+)-[0-9a-f]{16}$")
 
