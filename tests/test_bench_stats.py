@@ -89,7 +89,7 @@ def test_overhead_ratios_are_of_medians_over_rounds_and_named_per_shape():
 
 def test_loop_lag_and_migrations_are_read_from_the_metrics_text():
     """The scrape of a real registry: what the serve process exposes."""
-    from llumigrate.frontend.metrics import Metrics
+    from llumigrate.serve.metrics import Metrics
     m = Metrics()
     for lag in (0.001, 0.02, 0.15, 0.3, 0.7):
         m.observe_loop_lag(lag)

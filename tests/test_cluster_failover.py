@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from llumigrate.controller.cluster import Cluster
-from llumigrate.controller.request import RequestHandle
+from factories import added, make_core, make_handle, make_output
 from llumigrate.errors import ConfigError, InstanceLost
 
 
@@ -34,7 +34,7 @@ def test_failover_tries_the_next_instance_when_one_fails():
         c.instances = {"i0": FakeInstance("i0", True), "i1": FakeInstance("i1", False),
                        "i2": FakeInstance("i2", True)}
         c.instances["i0"].up = False      # the instance the request was lost with
-        h = RequestHandle("r", [5, 6, 7], {"temperature": 0.0, "max_tokens": 8}, 0, "i0")
+        h = make_handle("r", [5, 6, 7], {"temperature": 0.0, "max_tokens": 8}, 0, "i0")
         h.output_token_ids = [9, 9]
         c.requests["r"] = h
         # i1 has fewest requests and the lowest id among the live ones: tried first.
@@ -43,10 +43,11 @@ def test_failover_tries_the_next_instance_when_one_fails():
     ok, h, insts = asyncio.run(go())
     assert ok and h.instance_id == "i2"
     first = insts["i1"].calls[0]
-    assert first[0] == "generate" and insts["i1"].calls[-1][0] == "abort"
-    gen = [a for m, a in insts["i2"].calls if m == "generate"]
-    assert gen and gen[0]["prompt_token_ids"] == [5, 6, 7, 9, 9] and gen[0]["rid"] == h.engine_rid
-    assert gen[0]["sampling"]["max_tokens"] == 6
+    assert first[0] == "add" and insts["i1"].calls[-1][0] == "abort"
+    [(core, tag)] = added(insts["i2"].calls)
+    # The same request, its streamed tokens restored as outputs (not folded into the prompt).
+    assert core.prompt_token_ids == [5, 6, 7] and core.request_id == h.engine_rid == tag.key
+    assert list(tag.output_tokens) == [9, 9] and core.sampling_params.max_tokens == 8
 
 
 def test_failover_gives_up_when_no_instance_takes_it():
@@ -54,7 +55,7 @@ def test_failover_gives_up_when_no_instance_takes_it():
         c = Cluster("unused-model", 0)
         c.instances = {"i0": FakeInstance("i0", True), "i1": FakeInstance("i1", False)}
         c.instances["i0"].up = False
-        h = RequestHandle("r", [5, 6, 7], {"temperature": 0.0, "max_tokens": 8}, 0, "i0")
+        h = make_handle("r", [5, 6, 7], {"temperature": 0.0, "max_tokens": 8}, 0, "i0")
         c.requests["r"] = h
         return await c._failover(h)
     assert asyncio.run(go()) is False
@@ -70,14 +71,14 @@ def test_failover_falls_back_to_its_own_instance_when_it_is_the_only_one_up():
         c.instances = {"i0": FakeInstance("i0", True), "i1": FakeInstance("i1", True),
                        "i2": FakeInstance("i2", True)}
         c.instances["i1"].up = c.instances["i2"].up = False
-        h = RequestHandle("r", [5, 6, 7], {"temperature": 0.0, "max_tokens": 8}, 0, "i0")
+        h = make_handle("r", [5, 6, 7], {"temperature": 0.0, "max_tokens": 8}, 0, "i0")
         h.output_token_ids = [9]
         c.requests["r"] = h
         return await c._failover(h), h, c.instances
     ok, h, insts = asyncio.run(go())
     assert ok and h.instance_id == "i0" and h.num_failovers == 1
-    gen = [a for m, a in insts["i0"].calls if m == "generate"]
-    assert len(gen) == 1 and gen[0]["prompt_token_ids"] == [5, 6, 7, 9]
+    [(core, tag)] = added(insts["i0"].calls)
+    assert core.prompt_token_ids == [5, 6, 7] and list(tag.output_tokens) == [9]
     assert not insts["i1"].calls and not insts["i2"].calls
 
 
@@ -85,13 +86,13 @@ def test_failover_tries_its_own_instance_once_and_only_last():
     async def go():
         c = Cluster("unused-model", 0)
         c.instances = {"i0": FakeInstance("i0", False), "i1": FakeInstance("i1", False)}
-        h = RequestHandle("r", [5, 6, 7], {"temperature": 0.0, "max_tokens": 8}, 0, "i0")
+        h = make_handle("r", [5, 6, 7], {"temperature": 0.0, "max_tokens": 8}, 0, "i0")
         c.requests["r"] = h
         return await c._failover(h), c.instances
     ok, insts = asyncio.run(go())
     assert ok is False
-    assert [m for m, _ in insts["i1"].calls] == ["generate", "abort"]
-    assert [m for m, _ in insts["i0"].calls] == ["generate", "abort"]
+    assert [m for m, _ in insts["i1"].calls] == ["add", "abort"]
+    assert [m for m, _ in insts["i0"].calls] == ["add", "abort"]
 
 
 def test_rollback_resume_keeps_tokens_the_client_has_beyond_the_seal():
@@ -106,10 +107,10 @@ def test_rollback_resume_keeps_tokens_the_client_has_beyond_the_seal():
 
     class Resume(RollbackSteps):
         def _load(self, src_key, num_tokens, *, final):
-            return {}
+            return None
 
     async def go():
-        h = RequestHandle("r", [1, 2, 3], {"temperature": 1.0, "seed": 7, "max_tokens": 8}, 0, "i0")
+        h = make_handle("r", [1, 2, 3], {"temperature": 1.0, "seed": 7, "max_tokens": 8}, 0, "i0")
         h.output_token_ids = [10, 11, 12, 13]
         h.replay_expected = [12, 13]
         src = FakeInstance("i0", True)
@@ -118,12 +119,14 @@ def test_rollback_resume_keeps_tokens_the_client_has_beyond_the_seal():
         r.m = SimpleNamespace(timeout_for=lambda: 2.0)
         r.sealed = SealedRequest("r#0", [1, 2, 3, 10, 11], 3, 4, 1, None)
         r.on_hop = lambda req, inst, hop: setattr(req, "hop", hop)
-        asyncio.get_running_loop().call_later(0.05, lambda: h.append([12, 13, 14]))  # the resumed hop
+        asyncio.get_running_loop().call_later(  # the resumed hop
+            0.05, lambda: h.append(make_output(h.engine_rid, [12, 13, 14])))
         await r._resume_on_source()
         return h, src
     h, src = asyncio.run(go())
-    gen = [a for m, a in src.calls if m == "generate"][0]
-    assert gen["prompt_token_ids"] == [1, 2, 3, 10, 11] and gen["sampling"]["max_tokens"] == 6
+    [(core, tag)] = added(src.calls)
+    assert core.prompt_token_ids == [1, 2, 3] and list(tag.output_tokens) == [10, 11]
+    assert core.sampling_params.max_tokens == 8
     assert h.output_token_ids == [10, 11, 12, 13, 14] and h.replay_expected == []
 
 
@@ -139,10 +142,10 @@ def test_an_instance_lost_during_submit_leaves_the_request_to_the_submitter():
             self.cluster, self.fail_call = cluster, fail_call
 
         async def call(self, method: str, rpc_timeout: float | None = 60.0, **args):
-            if method == "generate" and self.up:
+            if method == "add" and self.up:
                 self.cluster._on_lost(self, "connection lost")
                 if self.fail_call:
-                    raise InstanceLost("connection lost before generate")
+                    raise InstanceLost("connection lost before add")
             return await super().call(method, rpc_timeout, **args)
 
     async def go(fail_call: bool):
@@ -151,7 +154,7 @@ def test_an_instance_lost_during_submit_leaves_the_request_to_the_submitter():
         c.listener.on_failover = lambda h, src, dst: failovers.append(dst)
         c.instances = {"i0": Dying("i0", c, fail_call), "i1": FakeInstance("i1", True)}
         try:
-            h = await c.submit([1, 2, 3], {"max_tokens": 4}, instance="i0", request_id="r")
+            h = await c.submit_core(make_core("r", [1, 2, 3], {"max_tokens": 4}), instance="i0")
         except InstanceLost:
             h = None
         await asyncio.sleep(0.05)
@@ -170,7 +173,7 @@ def test_a_request_whose_instances_keep_dying_is_replayed_at_most_max_failovers_
     async def go():
         c = Cluster("unused-model", 0, max_failovers=1)
         c.instances = {i: FakeInstance(i, True) for i in ("i0", "i1", "i2")}
-        h = RequestHandle("r", [5, 6, 7], {"temperature": 0.0, "max_tokens": 8}, 0, "i0")
+        h = make_handle("r", [5, 6, 7], {"temperature": 0.0, "max_tokens": 8}, 0, "i0")
         c.requests["r"] = h
         c.instances["i0"].up = False
         c._lost_request(h, "instance i0 lost")
@@ -186,6 +189,6 @@ def test_a_request_whose_instances_keep_dying_is_replayed_at_most_max_failovers_
     assert h.finished and h.finish_reason == "error" and "not replayed again" in h.error
     assert again is False
     others = [i for i in ("i1", "i2") if i != first_hop]
-    assert not [m for m, _ in c.instances[others[0]].calls if m == "generate"]
+    assert not added(c.instances[others[0]].calls)
     with pytest.raises(ConfigError):
         Cluster("unused-model", 0, max_failovers=-1)

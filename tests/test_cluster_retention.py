@@ -6,16 +6,27 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from factories import make_core, make_output
 from test_cluster_failover import FakeInstance
 
 from llumigrate.controller.cluster import Cluster
+from llumigrate.engine.vllm_api import EngineCoreOutputs, encode
 from llumigrate.errors import ConfigError, RequestNotFound
+
+
+def _out(c: Cluster, engine_rid: str, tokens: list[int], reason: str | None = None) -> None:
+    """An agent's output event for engine request `engine_rid`."""
+    frame = EngineCoreOutputs(outputs=[make_output(engine_rid, tokens, reason)])
+    c._on_event(c.instances["i0"], {"event": "out", "data": encode(frame)})
 
 
 def _finish(c: Cluster, rid: str) -> None:
     """The engine's last output event for `rid`'s current hop."""
-    h = c.requests[rid]
-    c._on_event({"event": "out", "rid": h.engine_rid, "tokens": [7], "finished": True, "reason": "length"})
+    _out(c, c.requests[rid].engine_rid, [7], "length")
+
+
+async def _submit(c: Cluster, prompt: list[int], max_tokens: int, request_id: str, **kw):
+    return await c.submit_core(make_core(request_id, prompt, {"max_tokens": max_tokens}), **kw)
 
 
 def test_only_the_latest_finished_requests_are_kept():
@@ -24,7 +35,7 @@ def test_only_the_latest_finished_requests_are_kept():
         c.instances = {"i0": FakeInstance("i0", True)}
         finished_order = []
         c.listener.on_finished = lambda h: finished_order.append(h.request_id)
-        handles = [await c.submit([1, 2, 3], {"max_tokens": 1}, request_id=f"r{k}") for k in range(6)]
+        handles = [await _submit(c, [1, 2, 3], 1, f"r{k}") for k in range(6)]
         for k in (0, 1, 2, 3, 4):
             _finish(c, f"r{k}")
         return c, handles, finished_order
@@ -42,11 +53,11 @@ def test_a_forgotten_id_may_be_used_again_and_is_not_dropped_twice():
     async def go():
         c = Cluster("unused-model", 0, retain_finished=1)
         c.instances = {"i0": FakeInstance("i0", True)}
-        await c.submit([1], {"max_tokens": 1}, request_id="a")
+        await _submit(c, [1], 1, "a")
         _finish(c, "a")
-        await c.submit([1], {"max_tokens": 1}, request_id="b")
+        await _submit(c, [1], 1, "b")
         _finish(c, "b")                       # forgets the first "a"
-        again = await c.submit([1], {"max_tokens": 1}, request_id="a")
+        again = await _submit(c, [1], 1, "a")
         _finish(c, "a")                       # forgets "b"; the new "a" is the one kept
         return c, again
     c, again = asyncio.run(go())
@@ -65,11 +76,11 @@ def test_a_moved_request_leaves_no_route_behind():
     async def go():
         c = Cluster("unused-model", 0, retain_finished=0)
         c.instances = {"i0": FakeInstance("i0", True), "i1": FakeInstance("i1", True)}
-        h = await c.submit([1, 2], {"max_tokens": 4}, request_id="m", instance="i0")
+        h = await _submit(c, [1, 2], 4, "m", instance="i0")
         first = h.engine_rid
         c._set_hop(h, c.instances["i1"], 1)
         routed = set(c._routes)
-        c._on_event({"event": "out", "rid": first, "tokens": [5], "finished": False})  # stale: ignored
+        _out(c, first, [5])  # stale: ignored
         _finish(c, "m")
         return c, h, first, routed
     c, h, first, routed = asyncio.run(go())

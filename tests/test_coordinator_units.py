@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from llumigrate.controller.coordinator import Coordinator
-from llumigrate.controller.request import RequestHandle
+from factories import make_handle, make_output
 from llumigrate.errors import RequestNotFound
 from llumigrate.migration.protocol import MigrationConfig
 
@@ -34,7 +34,7 @@ def test_a_request_that_finished_before_the_stop_ends_the_migration_without_roll
     failure: no resume, no failover replay, no hop on the destination; the
     source is untracked and any hold of an aborted request released."""
     async def go():
-        h = RequestHandle("r", list(range(40)), {"max_tokens": 8}, 0, "i0")
+        h = make_handle("r", list(range(40)), {"max_tokens": 8}, 0, "i0")
         src, dst = FakeAgent("i0"), FakeAgent("i1")
         hops: list[str] = []
         coord = Coordinator(h, src, dst, MigrationConfig(recompute=True),
@@ -58,7 +58,7 @@ class RecordingAgent(FakeAgent):
     async def call(self, method: str, rpc_timeout: float | None = 60.0, **args):
         self.args.append((method, {**args, "rpc_timeout": rpc_timeout}))
         if method == "precopy":
-            return {"loaded": args["load"]["num_tokens"], "hit": 0}
+            return {"loaded": carried_load(args)["num_tokens"], "hit": 0}
         return await super().call(method, rpc_timeout, **args)
 
 
@@ -66,8 +66,8 @@ def test_precopy_stages_are_paced_and_their_deadline_allows_for_it():
     """Pre-copy loads carry the configured rate; the stage's deadline grows by
     the time the paced copy takes (64 blocks of 4 MiB at 128 MiB/s: 2 s)."""
     async def go():
-        h = RequestHandle("r", list(range(64 * 16)), {"max_tokens": 500}, 0, "i0")
-        h.append([7, 8])
+        h = make_handle("r", list(range(64 * 16)), {"max_tokens": 500}, 0, "i0")
+        h.append(make_output(h.engine_rid, [7, 8]))
         src, dst = RecordingAgent("i0"), RecordingAgent("i1")
         config = MigrationConfig(max_precopy_stages=1, precopy_rate_mib_s=128, stage_timeout_s=10)
         coord = Coordinator(h, src, dst, config, on_hop=lambda *a: None)
@@ -76,6 +76,15 @@ def test_precopy_stages_are_paced_and_their_deadline_allows_for_it():
     result, dst_args = asyncio.run(go())
     assert "finished on the source" in result.reason
     stages = [a for m, a in dst_args if m == "precopy"]
-    assert len(stages) == 1 and stages[0]["load"]["rate_mib_s"] == 128
-    assert stages[0]["load"]["num_tokens"] == 64 * 16 and not stages[0]["load"]["final"]
+    assert len(stages) == 1 and carried_load(stages[0])["rate_mib_s"] == 128
+    assert carried_load(stages[0])["num_tokens"] == 64 * 16 and not carried_load(stages[0])["final"]
     assert stages[0]["timeout"] == 10 + 2.0 and stages[0]["rpc_timeout"] == 10 + 2.0 + 5
+
+
+def carried_load(args: dict) -> dict:
+    """The load spec of a pre-copy call's carrier request."""
+    from llumigrate.engine.params import RequestTag
+    from llumigrate.engine.vllm_api import decode_request
+    core = decode_request(args["request"])
+    tag = RequestTag.from_params(core.sampling_params.extra_args["kv_transfer_params"])
+    return tag.load.to_wire()

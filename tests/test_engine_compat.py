@@ -64,3 +64,79 @@ def test_engine_args_carry_the_spin_bound():
     assert extra(parse_engine_args("m", [], engine_spin_ms=50))["engine_spin_s"] == 0.05
     with pytest.raises(ConfigError, match="spin"):
         parse_engine_args("m", [], engine_spin_ms=-1)
+
+
+# -- what a restored request can carry (engine/refusal.py) ---------------------------
+
+RESTORABLE = {
+    "greedy": {"temperature": 0.0},
+    "penalties": {"presence_penalty": 1.0, "frequency_penalty": 0.5, "repetition_penalty": 1.2},
+    "min_tokens": {"min_tokens": 5, "stop_token_ids": [7]},
+    "logit_bias": {"logit_bias": {5: 2.0}},
+    "bad_words": {"bad_words": ["fox"]},
+    "allowed": {"allowed_token_ids": [5, 6, 7]},
+    "logprobs": {"logprobs": 3},
+    "seeded": {"temperature": 1.0, "seed": 7},
+    "json": {"structured_outputs": {"json": {"type": "object"}}},
+    "regex": {"structured_outputs": {"regex": "[a-z]+"}},
+    "choice": {"structured_outputs": {"choice": ["a", "b"]}},
+    "grammar": {"structured_outputs": {"grammar": 'root ::= "a"'}},
+}
+
+
+def _params(kw: dict):
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+    kw = dict(kw)
+    if "structured_outputs" in kw:
+        kw["structured_outputs"] = StructuredOutputsParams(**kw["structured_outputs"])
+    return SamplingParams(**kw)
+
+
+@pytest.mark.parametrize("name", sorted(RESTORABLE))
+def test_what_a_restore_carries_is_not_refused(name):
+    from llumigrate.engine.refusal import migration_refusal
+    assert migration_refusal(_params(RESTORABLE[name])) is None
+    assert migration_refusal(RESTORABLE[name]) is None        # the wire dict reads the same
+
+
+@pytest.mark.parametrize("kw,engine,embeds,match", [
+    ({"n": 2}, {}, False, "n > 1"),
+    ({"prompt_logprobs": 1}, {}, False, "prompt_logprobs"),
+    ({"skip_reading_prefix_cache": True}, {}, False, "skip_reading_prefix_cache"),
+    ({"stop": ["fox"]}, {}, False, "stop strings"),
+    ({"thinking_token_budget": 10}, {}, False, "thinking_token_budget"),
+    ({"structured_outputs": {"regex": "a+"}}, {"reasoning_parser": True}, False, "reasoning parser"),
+    ({}, {"model_runner_v2": True}, False, "Model Runner V2"),
+    ({}, {"speculative": True}, False, "speculative decoding"),
+    ({}, {"async_scheduling": True}, False, "async scheduling"),
+    ({}, {}, True, "embeddings"),
+])
+def test_what_a_restore_cannot_carry_is_refused_with_the_reason(kw, engine, embeds, match):
+    from llumigrate.engine.refusal import EngineFacts, migration_refusal
+    facts = EngineFacts(**engine)
+    for sp in (kw, _params(kw)):
+        reason = migration_refusal(sp, engine=facts, prompt_embeds=embeds)
+        assert reason is not None and match in reason
+
+
+def test_structured_output_may_follow_a_reasoning_parser_that_constrains_reasoning_too():
+    from llumigrate.engine.refusal import EngineFacts, migration_refusal
+    facts = EngineFacts(reasoning_parser=True, structured_in_reasoning=True)
+    assert migration_refusal({"structured_outputs": {"regex": "a+"}}, engine=facts) is None
+    assert migration_refusal({"temperature": 0.0}, engine=EngineFacts(reasoning_parser=True)) is None
+
+
+def test_engine_facts_read_the_vllm_config():
+    from types import SimpleNamespace
+
+    from llumigrate.engine.refusal import EngineFacts
+    from llumigrate.engine.vllm_compat import engine_facts
+    cfg = SimpleNamespace(speculative_config=None, use_v2_model_runner=False,
+                          scheduler_config=SimpleNamespace(async_scheduling=False),
+                          structured_outputs_config=SimpleNamespace(reasoning_parser="",
+                                                                    enable_in_reasoning=False))
+    assert engine_facts(cfg) == EngineFacts()
+    cfg.speculative_config, cfg.use_v2_model_runner = object(), True
+    cfg.structured_outputs_config.reasoning_parser = "deepseek_r1"
+    assert engine_facts(cfg) == EngineFacts(speculative=True, model_runner_v2=True, reasoning_parser=True)

@@ -175,3 +175,149 @@ def test_a_step_that_schedules_no_tokens_is_marked_idle_for_the_worker():
     assert s.build_connector_meta(busy).idle is False
     assert s.build_connector_meta(idle).idle is True
     assert s.build_connector_meta(unknown).idle is False   # a vLLM without the field: never wait
+
+
+# -- restoring a moved request's output tokens (engine/restore.py) -----------------
+
+def _vllm_request(out: tuple[int, ...] = (), max_tokens: int = 50, structured: bool = False,
+                  num_prompt: int = 10, **sp: object):
+    """A real vLLM scheduler request, tagged to restore `out`, hashed in blocks of 4."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+    from vllm.utils.hashing import sha256
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+    from vllm.v1.request import Request
+    init_none_hash(sha256)
+    tag = RequestTag(KEY, output_tokens=out)
+    params = SamplingParams(max_tokens=max_tokens, extra_args={"kv_transfer_params": tag.to_params()},
+                            structured_outputs=StructuredOutputsParams(choice=["a", "b"])
+                            if structured else None, **sp)
+    return Request(KEY + "-abc", list(range(100, 100 + num_prompt)), params, None,
+                   block_hasher=get_request_block_hasher(4, sha256))
+
+
+def _first_schedule(s: SchedulerSide, req, num_computed: int = 8):
+    new = SimpleNamespace(req_id=req.request_id, num_computed_tokens=num_computed, block_ids=([3, 4],))
+    out = _step_output()
+    out.scheduled_new_reqs = [new]
+    return s.build_connector_meta(out)
+
+
+def test_restored_outputs_are_the_requests_own_from_the_start():
+    """Queued with O: O are output tokens (they count for max_tokens and
+    min_tokens), their full blocks are hashed for the prefix lookup, and the
+    first step that schedules the request tells the workers O."""
+    req = _vllm_request(out=(7, 8, 9, 10, 11, 12))
+    assert len(req.block_hashes) == 2                  # the prompt's full blocks
+    s = SchedulerSide(4, {}, 1000)
+    s.on_new_request(req)
+    assert list(req.output_token_ids) == [7, 8, 9, 10, 11, 12] and req.num_prompt_tokens == 10
+    assert len(req.block_hashes) == 4                  # P+O: 16 tokens
+    assert req.prefill_stats is None                   # vLLM's prompt-only accounting is off
+    assert s.get_num_new_matched_tokens(req, 12) == (0, False)
+    assert _first_schedule(s, req, 12).restored_outputs == {req.request_id: [7, 8, 9, 10, 11, 12]}
+    assert _first_schedule(s, req).restored_outputs == {}      # named once only
+    req.status = RequestStatus.FINISHED_LENGTH_CAPPED
+    assert s.request_finished(req, [])[1] == {"llumigrate": {"restored": 6, "cached": 12}}
+
+
+def test_a_fresh_request_is_untouched_and_reports_nothing():
+    req = _vllm_request()
+    s = SchedulerSide(4, {}, 1000)
+    s.on_new_request(req)
+    assert req.num_output_tokens == 0 and req.prefill_stats is not None
+    assert _first_schedule(s, req).restored_outputs == {}
+    req.status = RequestStatus.FINISHED_STOPPED
+    assert s.request_finished(req, []) == (False, None)
+
+
+def _assert_failing(req, match: str) -> None:
+    """Set to fail with "error" at its next schedule (vLLM's failed-grammar path)."""
+    assert req.status == RequestStatus.WAITING_FOR_STRUCTURED_OUTPUT_GRAMMAR
+    error = req.structured_output_request.grammar
+    assert isinstance(error, Exception) and match in str(error)
+
+
+@pytest.mark.parametrize("why,match", [
+    ("too_long", "leave none of max_tokens"),
+    ("model_len", "leave no room"),
+    ("stop_strings", "stop strings"),
+    ("prompt_logprobs", "prompt_logprobs"),
+])
+def test_a_restore_that_cannot_be_exact_fails_the_request(why, match):
+    kw: dict = {"too_long": {"max_tokens": 6}, "model_len": {"num_prompt": 994},
+                "stop_strings": {"stop": ["x"]}, "prompt_logprobs": {"prompt_logprobs": 1}}[why]
+    req = _vllm_request(out=(1, 2, 3, 4, 5, 6), **kw)
+    s = SchedulerSide(4, {}, 1000)
+    s.on_new_request(req)
+    assert req.num_output_tokens == 0
+    _assert_failing(req, match)
+    assert _first_schedule(s, req).restored_outputs == {}
+
+
+class FakeGrammar:
+    """A compiled grammar accepting tokens below `limit`."""
+
+    def __init__(self, limit: int = 100) -> None:
+        self.limit, self.accepted = limit, []
+
+    def accept_tokens(self, request_id: str, tokens: list[int]) -> bool:
+        if any(t >= self.limit for t in tokens):
+            return False
+        self.accepted.extend(tokens)
+        return True
+
+
+def _structured(out: tuple[int, ...], grammar: FakeGrammar, facts=None):
+    from vllm.v1.structured_output.backend_types import StructuredOutputGrammar
+    StructuredOutputGrammar.register(FakeGrammar)
+    req = _vllm_request(out=out, structured=True)
+    assert req.status == RequestStatus.WAITING_FOR_STRUCTURED_OUTPUT_GRAMMAR
+    s = SchedulerSide(4, {}, 1000, facts)
+    s.on_new_request(req)
+    req.structured_output_request.grammar = grammar  # compiled ...
+    req.status = RequestStatus.WAITING               # ... and promoted by the scheduler
+    return s, req
+
+
+def test_the_grammar_takes_the_restored_tokens_once_before_the_first_bitmask():
+    grammar = FakeGrammar()
+    s, req = _structured((5, 6, 7), grammar)
+    assert grammar.accepted == []                    # not compiled when queued
+    assert s.get_num_new_matched_tokens(req, 8) == (0, False)
+    assert grammar.accepted == [5, 6, 7] and req.structured_output_request.reasoning_ended
+    s.get_num_new_matched_tokens(req, 8)             # asked again (allocation failed, preempted)
+    assert grammar.accepted == [5, 6, 7]
+
+
+def test_a_grammar_that_refuses_the_restored_tokens_fails_the_request():
+    s, req = _structured((5, 600, 7), FakeGrammar(limit=100))
+    assert s.get_num_new_matched_tokens(req, 8) == (None, False)   # not scheduled this step
+    _assert_failing(req, "grammar rejected")
+
+
+def test_a_grammar_behind_a_reasoning_parser_is_not_guessed():
+    from llumigrate.engine.refusal import EngineFacts
+    facts = EngineFacts(reasoning_parser=True)
+    req = _vllm_request(out=(5, 6), structured=True)
+    s = SchedulerSide(4, {}, 1000, facts)
+    s.on_new_request(req)                                          # refused when queued
+    _assert_failing(req, "reasoning parser")
+    grammar = FakeGrammar()
+    s, req = _structured((5, 6), grammar, EngineFacts(reasoning_parser=True,
+                                                       structured_in_reasoning=True))
+    assert s.get_num_new_matched_tokens(req, 8) == (0, False) and grammar.accepted == [5, 6]
+
+
+def test_request_tag_round_trips_its_restored_outputs_over_msgpack():
+    import msgpack
+
+    from llumigrate.engine.params import LoadSpec
+    tag = RequestTag("k#1", LoadSpec("h", 1, "k#0", 40, final=True), b"\x00\x01gen", (5, 0, 2047))
+    wire = msgpack.unpackb(msgpack.packb(tag.to_params()))
+    assert wire["llumigrate"]["out"] == [5, 0, 2047]
+    assert RequestTag.from_params(wire) == tag
+    assert "out" not in RequestTag("k#0").to_params()["llumigrate"]   # a fresh request
+    old = {"llumigrate": {"key": "k#0", "gen": None}}                 # a tag without the field
+    assert RequestTag.from_params(old) == RequestTag("k#0")
+    assert RequestTag("k", output_tokens=[1, 2]).output_tokens == (1, 2)

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 from llumigrate.controller.instance import Instance
-from llumigrate.controller.request import RequestHandle
+from factories import make_handle
 from llumigrate.errors import ConfigError
 from llumigrate.migration.protocol import MigrationConfig
 from llumigrate.scheduler import SchedulerConfig
@@ -22,7 +22,7 @@ class FakeCluster:
 
     def __init__(self) -> None:
         self.instances: dict[str, Instance] = {}
-        self.requests: dict[str, RequestHandle] = {}
+        self.requests: dict = {}
         self.migrated: list[tuple[str, str]] = []
         self.configs: list = []
         self.migration_config = MigrationConfig()
@@ -36,8 +36,8 @@ class FakeCluster:
         self.instances[iid] = inst
         return inst
 
-    def request(self, rid: str, iid: str, prompt: int, output: int, **sampling) -> RequestHandle:
-        h = RequestHandle(rid, list(range(prompt)), {"max_tokens": 1000, **sampling}, 0, iid)
+    def request(self, rid: str, iid: str, prompt: int, output: int, **sampling):
+        h = make_handle(rid, list(range(prompt)), {"max_tokens": 1000, **sampling}, 0, iid)
         h.output_token_ids = list(range(output))
         h.arrival = h.queued_at = -1.0
         self.requests[rid] = h
@@ -93,7 +93,7 @@ def test_snapshot_puts_preempted_requests_at_the_queue_head():
     demand for its whole context, ahead of the requests not started yet."""
     c = FakeCluster()
     c.add("i0", free=20, running=1, waiting=3, reported_at=5.0)
-    c.instances["i0"].load["preempted"] = ["p2#0", "p1#0", "gone#0"]
+    c.instances["i0"].load["preempted"] = ["p2", "p1", "gone"]
     c.request("run", "i0", prompt=40, output=10)
     c.request("p1", "i0", prompt=64, output=16)     # 5 blocks of context
     c.request("p2", "i0", prompt=32, output=16)     # 3 blocks
@@ -129,7 +129,7 @@ def test_blocks_of_a_migration_in_flight_are_not_free_at_its_destination():
     c.add("i0", free=25)
     c.add("i1", free=30)
     m = c.request("m", "i0", prompt=100, output=12)           # 112 tokens: 7 blocks
-    big = RequestHandle("big", list(range(640)), {}, 0, "i0")   # 40 blocks: more than is free
+    big = make_handle("big", list(range(640)), {}, 0, "i0")   # 40 blocks: more than is free
     c.instances["i1"].incoming.update(m=m, big=big)
     assert cluster_snapshot(c, now=1.0)["i1"].free_blocks == 0
     del c.instances["i1"].incoming["big"]
@@ -146,9 +146,11 @@ def test_blocks_of_a_migration_in_flight_are_not_free_at_its_destination():
 def test_snapshot_marks_unmigratable_and_draining():
     c = FakeCluster()
     c.add("i0", free=50).draining = True
-    c.request("pen", "i0", prompt=10, output=5, presence_penalty=0.5)
+    c.request("pen", "i0", prompt=10, output=5, presence_penalty=0.5)   # carried exactly: movable
+    c.request("stream", "i0", prompt=10, output=5).core.resumable = True  # streaming input: not
     snap = cluster_snapshot(c, now=1.0)["i0"]
-    assert snap.draining and not snap.requests[0].migratable
+    by_id = {r.request_id: r for r in snap.requests}
+    assert snap.draining and by_id["pen"].migratable and not by_id["stream"].migratable
 
 
 def test_set_policy_is_all_or_nothing():
@@ -195,7 +197,7 @@ def test_a_redispatched_queued_request_moves_without_precopy():
         c = FakeCluster()
         c.add("i0", free=2, running=1, waiting=1)
         c.add("i1", free=100)
-        c.instances["i0"].load["preempted"] = ["p#0"]
+        c.instances["i0"].load["preempted"] = ["p"]
         c.request("run", "i0", prompt=16 * 20, output=10)
         c.request("p", "i0", prompt=16 * 8, output=20)
         s = GlobalScheduler(c, SchedulerConfig(migration_policies=("defrag",)), FakeObserver())
@@ -226,8 +228,8 @@ def test_engine_spin_reaches_the_agents_command_line():
     from llumigrate.cli import instance, serve
     from llumigrate.controller.instance import spin_args
     args = serve.parse(["--num-instances", "1", "--engine-spin-ms", "5"])
-    assert serve.build_config(args, None, []).engine_spin_ms == 5.0
-    assert serve.build_config(serve.parse([]), None, []).engine_spin_ms is None
+    assert serve.build_config(args).engine_spin_ms == 5.0
+    assert serve.build_config(serve.parse([])).engine_spin_ms is None
     assert instance.parse(["--engine-spin-ms", "0"]).engine_spin_ms == 0.0
     assert spin_args(None) == [] and spin_args(0) == ["--engine-spin-ms", "0.0"]
 
@@ -236,8 +238,8 @@ def test_retain_finished_reaches_the_cluster(tmp_path):
     from llumigrate.cli import serve
     from llumigrate.controller.cluster import RETAIN_FINISHED
     from llumigrate.serve.service import Service
-    assert serve.build_config(serve.parse([]), None, []).retain_finished == RETAIN_FINISHED
-    config = serve.build_config(serve.parse(["--num-instances", "0", "--retain-finished", "7"]), None, [])
+    assert serve.build_config(serve.parse([])).retain_finished == RETAIN_FINISHED
+    config = serve.build_config(serve.parse(["--num-instances", "0", "--retain-finished", "7"]))
     assert config.retain_finished == 7
     service = Service(replace(config, port=0, control_address="127.0.0.1:0", run_dir=str(tmp_path)))
     assert service.cluster.retain_finished == 7
@@ -285,7 +287,7 @@ def test_an_address_in_use_fails_before_any_engine_starts(tmp_path, taken):
     other = free.getsockname()[1]
     free.close()
     http, control = (busy, other) if taken == "http" else (other, busy)
-    config = serve.build_config(serve.parse(["--num-instances", "0"]), None, [])
+    config = serve.build_config(serve.parse(["--num-instances", "0"]))
     service = Service(replace(config, port=http, control_address=f"127.0.0.1:{control}",
                               run_dir=str(tmp_path)))
     started: list[bool] = []

@@ -167,3 +167,64 @@ def test_a_paced_load_does_not_hold_up_a_commit_load():
     client.go.set()
     assert w.get_finished(set()) == (set(), {"pre#1"}, set())
     w.shutdown()
+
+
+class _FakeBatch:
+    """What the restore hook wraps: vLLM's V1 `InputBatch.add_request`."""
+
+    def __init__(self) -> None:
+        self.added: list[tuple[str, list[int]]] = []
+
+    def add_request(self, request) -> int:
+        self.added.append((request.req_id, list(request.output_token_ids)))
+        return len(self.added) - 1
+
+
+def _req_state(req_id: str):
+    from types import SimpleNamespace
+    return SimpleNamespace(req_id=req_id, output_token_ids=[])
+
+
+def test_restored_outputs_enter_the_input_batch_with_their_request():
+    """Stashed before the runner updates its states, O is in the request
+    state when vLLM's add_request copies it (token ids, penalties, logits
+    processors); other requests pass untouched; a re-created batch is hooked
+    again."""
+    from types import SimpleNamespace
+    w = WorkerSide(block_size=4, extra={})
+    runner = SimpleNamespace(input_batch=_FakeBatch())
+    w.model_runner = runner
+    w.before_update(SchedulerMeta(restored_outputs={"a": [5, 6, 7]}))
+    runner.input_batch.add_request(_req_state("b"))
+    runner.input_batch.add_request(_req_state("a"))
+    w.bind(SchedulerMeta())                       # every stashed request went in
+    assert runner.input_batch.added == [("b", []), ("a", [5, 6, 7])]
+    w.before_update(SchedulerMeta(restored_outputs={"a": [1]}))
+    w.before_update(SchedulerMeta(restored_outputs={"a": [1]}))  # hooked once, not twice
+    state = _req_state("a")
+    runner.input_batch.add_request(state)
+    assert state.output_token_ids == [1]
+    runner.input_batch = _FakeBatch()             # the runner re-created its batch
+    w.before_update(SchedulerMeta(restored_outputs={"c": [9]}))
+    runner.input_batch.add_request(_req_state("c"))
+    assert runner.input_batch.added == [("c", [9])]
+
+
+def test_a_restored_request_that_missed_the_batch_is_an_invariant_failure():
+    from types import SimpleNamespace
+    w = WorkerSide(block_size=4, extra={})
+    w.model_runner = SimpleNamespace(input_batch=_FakeBatch())
+    w.before_update(SchedulerMeta(restored_outputs={"a": [5]}))
+    with pytest.raises(AssertionError, match="missed the input batch"):
+        w.bind(SchedulerMeta())
+
+
+def test_restores_need_an_attached_v1_runner():
+    from types import SimpleNamespace
+    w = WorkerSide(block_size=4, extra={})
+    w.before_update(SchedulerMeta())                               # nothing to restore: fine
+    with pytest.raises(RuntimeError, match="before the llumigrate worker extension was attached"):
+        w.before_update(SchedulerMeta(restored_outputs={"a": [5]}))
+    w.model_runner = SimpleNamespace()                             # Model Runner V2: no batch
+    with pytest.raises(RuntimeError, match="no V1 input batch"):
+        w.before_update(SchedulerMeta(restored_outputs={"a": [5]}))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Any
 
 from llumigrate.agent.rpc import Connection
 
@@ -11,12 +12,17 @@ from llumigrate.agent.rpc import Connection
 @dataclass
 class AgentRequest:
     rid: str
-    conn: Connection | None          # where its `out` events go (None: a pre-copy carrier)
-    task: asyncio.Task | None = None
+    conn: Connection | None          # where its outputs go (None: a pre-copy carrier)
     stopping: bool = False
     engine_aborts: int = 0           # engine-core aborts of a stop (0: it stopped at a step)
     finished: bool = False
-    num_tokens: int = 0
-    held_back: list[dict] = field(default_factory=list)  # events withheld while stopping
+    reason: str | None = None        # how it finished ("length", "abort", ...)
+    num_tokens: int = 0              # output tokens the engine emitted for it
+    kv: dict | None = None           # the connector's report on its final output
+    held_back: list[Any] = field(default_factory=list)  # EngineCoreOutputs withheld while stopping
     done: asyncio.Event = field(default_factory=asyncio.Event)
-    result: dict | None = None
+
+    def finish(self, reason: str | None) -> None:
+        if not self.finished:
+            self.finished, self.reason = True, reason
+            self.done.set()

@@ -1,11 +1,14 @@
 """The instance agent: one process per vLLM instance.
 
-Owns an `EngineRuntime` (AsyncLLM + llumigrate connector) and serves the
-controller over `rpc`. Requests stream their tokens back as `out` events.
-Migration verbs: `track` (prepare the source), `precopy` (a carrier request
-on the destination that loads full blocks into its prefix cache), `stop`
-(abort on the source and return the sealed token list), `resume` (continue
-a sealed request here, loading the blocks not yet present), `release`.
+Owns an `EngineRuntime` (one vLLM engine core, llumigrate's connector and
+worker extension) and serves controllers over `rpc`. Requests arrive as vLLM
+`EngineCoreRequest`s (`add`), made by the serve process's vLLM frontend, and
+their `EngineCoreOutputs` go back unchanged as `out` events, one frame per
+engine step and connection, with the step's scheduler stats. Migration
+verbs: `track` (prepare the source), `precopy` (a carrier request on the
+destination that loads full blocks into its prefix cache), `stop` (the
+request's sealed state), `release`; `utility` calls an engine-core utility
+(LoRA adapters, prefix-cache reset, ...).
 """
 
 from __future__ import annotations
@@ -13,15 +16,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
-
 from llumigrate.agent.request import AgentRequest as _Req
 from llumigrate.agent.rpc import Connection, RpcServer
 from llumigrate.agent.source import SourceVerbs
 from llumigrate.engine.commands import CommandClient
 from llumigrate.engine.notify import NotifyListener
-from llumigrate.engine.params import LoadSpec, RequestTag, plain_stop_reason
-from llumigrate.engine.runtime import EngineRuntime, sampling_params
+from llumigrate.engine.params import PARAMS_KEY
+from llumigrate.engine.runtime import EngineRuntime
+from llumigrate.engine.vllm_api import (EngineCoreOutputs, decode_any, decode_request, encode,
+                                        finish_reason_name)
 from llumigrate.errors import MigrationAborted, RequestNotFound
 
 logger = logging.getLogger(__name__)
@@ -53,6 +56,7 @@ class Agent(SourceVerbs):
         self.kv = await self.rt.rpc("llumigrate_attach")
         addr = await self.server.start(host, port)
         loop = asyncio.get_running_loop()
+        self._pump = loop.create_task(self._pump_outputs())
         self._reporter = loop.create_task(self._report_load())
         self._watchdog = loop.create_task(self._watch_engine())
         return addr
@@ -68,7 +72,7 @@ class Agent(SourceVerbs):
 
     def _check_engine(self) -> bool:
         """True (and shutting down) when the engine is dead."""
-        if not self.engine_dead and not _engine_errored(self.rt):
+        if not self.engine_dead and not self.rt.errored:
             return False
         if not self.engine_dead:
             logger.error("engine of %s died; shutting the agent down", self.instance_id)
@@ -90,69 +94,93 @@ class Agent(SourceVerbs):
             for conn in list(self.server.connections):
                 await conn.push("load", instance_id=self.instance_id, load=load)
 
+    # -- outputs -------------------------------------------------------------
+    async def _pump_outputs(self) -> None:
+        """Route each batch of the engine's outputs to the controllers that
+        own its requests; a request being stopped has its end withheld (the
+        seal tells a stop from a real end: `source.py`)."""
+        try:
+            while True:
+                outs = await self.rt.outputs()
+                await self._route(outs)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # EngineDeadError: the watchdog takes the agent down
+            if not self.shutdown_event.is_set():
+                logger.error("engine outputs of %s ended: %s", self.instance_id, e)
+                self.engine_dead = True
+                self.shutdown_event.set()
+
+    async def _route(self, outs: EngineCoreOutputs) -> None:
+        batches: dict[Connection, list] = {}
+        for o in outs.outputs:
+            req = self.reqs.get(o.request_id)
+            if req is None or req.finished:
+                continue
+            req.num_tokens += len(o.new_token_ids)
+            if o.kv_transfer_params and PARAMS_KEY in o.kv_transfer_params:
+                req.kv = o.kv_transfer_params[PARAMS_KEY]
+            if o.finish_reason is not None:
+                req.finish(finish_reason_name(o.finish_reason))
+                if req.stopping:  # the stop's end, or a real one: the seal tells (source.py)
+                    req.held_back.append(o)
+                    continue
+                if req.conn is not None:
+                    self.reqs.pop(req.rid, None)
+            if req.conn is not None:
+                batches.setdefault(req.conn, []).append(o)
+        stats = outs.scheduler_stats
+        for conn in list(self.server.connections) if stats is not None else list(batches):
+            frame = EngineCoreOutputs(outputs=batches.get(conn, []), scheduler_stats=stats,
+                                      timestamp=outs.timestamp)
+            await conn.push_batched("out", data=encode(frame))
+
+    async def push_outputs(self, req: _Req, outputs: list) -> None:
+        """Send `outputs` (EngineCoreOutput) of `req` to its controller now."""
+        if req.conn is not None and outputs:
+            await req.conn.push("out", data=encode(EngineCoreOutputs(outputs=list(outputs))))
+
     # -- introspection ---------------------------------------------------------
     async def rpc_info(self, conn: Connection) -> dict:
         load = self.rt.snapshot()
         return {"instance_id": self.instance_id, **self.kv, "max_model_len": self.rt.max_model_len,
-                "load": load.__dict__, "requests": sorted(r for r, q in self.reqs.items()
-                                                            if not q.finished and q.conn is not None)}
+                "num_gpu_blocks": load.num_blocks + 1, "engine_facts": self.rt.engine_facts,
+                "load": load.__dict__,
+                "requests": sorted(r for r, q in self.reqs.items() if not q.finished and q.conn is not None)}
 
     async def rpc_status(self, conn: Connection) -> dict:
         return {"worker": await self.rt.rpc("llumigrate_status"), "load": self.rt.snapshot().__dict__}
 
     # -- requests ----------------------------------------------------------
-    async def rpc_generate(self, conn: Connection, rid: str, prompt_token_ids: list[int],
-                           sampling: dict, priority: int = 0, load: dict | None = None,
-                           generator_state: bytes | None = None) -> dict:
+    async def rpc_add(self, conn: Connection, request: bytes) -> dict:
+        """Run `request` (a vLLM EngineCoreRequest, encoded) on this engine;
+        its outputs go to `conn`."""
+        core = decode_request(request)
+        rid = core.request_id
         if rid in self.reqs and not self.reqs[rid].finished:
             raise ValueError(f"request {rid!r} already exists on {self.instance_id}")
-        tag = RequestTag(rid, LoadSpec.from_wire(load) if load else None, generator_state)
-        sp = sampling_params(sampling, tag)
-        req = _Req(rid, conn)
-        self.reqs[rid] = req
-        req.task = asyncio.get_running_loop().create_task(
-            self._stream(req, prompt_token_ids, sp, priority))
-        return {"rid": rid, "instance_id": self.instance_id}
-
-    async def _stream(self, req: _Req, prompt: list[int], sp: Any, priority: int) -> None:
-        reason: str | None = None
-        kv = None
+        self.reqs[rid] = _Req(rid, conn)
         try:
-            async for d in self.rt.generate(req.rid, prompt, sp, priority):
-                req.num_tokens += len(d.token_ids)
-                kv = d.kv_params or kv
-                if d.finished:
-                    reason = d.finish_reason
-                if req.conn is not None and (d.token_ids or d.finished):
-                    event = {"rid": req.rid, "tokens": d.token_ids, "finished": d.finished,
-                             "reason": d.finish_reason, "stop_reason": plain_stop_reason(d.stop_reason)}
-                    if d.logprobs is not None:
-                        event["logprobs"] = d.logprobs
-                    if req.stopping and d.finished:  # a stop's end or a real one: the seal tells
-                        req.held_back.append(event)
-                    else:
-                        await req.conn.push_batched("out", **event)
-        except asyncio.CancelledError:
-            reason = "abort"
-        except Exception as e:  # engine error: report it as this request's end
-            reason = "error"
-            if self._check_engine():  # the agent goes down; controllers fail it over
-                logger.warning("request %s lost with the engine", req.rid)
-            elif req.conn is not None and not req.stopping:
-                logger.exception("request %s failed", req.rid)
-                await req.conn.push("out", rid=req.rid, tokens=[], finished=True, reason="error",
-                                    error=str(e))
-        finally:
-            req.finished = True
-            req.result = {"reason": reason, "kv": kv, "num_tokens": req.num_tokens}
-            req.done.set()
+            await self.rt.add(core)
+        except BaseException:
+            self.reqs.pop(rid, None)
+            raise
+        return {"rid": rid, "instance_id": self.instance_id}
 
     async def rpc_abort(self, conn: Connection, rid: str) -> bool:
         req = self.reqs.get(rid)
         if req is None or req.finished:
             return False
-        await self.rt.abort(rid)
+        await self.rt.abort([rid])
+        req.finish("abort")
+        if not req.stopping:  # a stop in flight forgets it when it ends
+            self.reqs.pop(rid, None)
         return True
+
+    async def rpc_utility(self, conn: Connection, name: str, args: bytes) -> bytes:
+        """Engine-core utility `name` (`add_lora`, `list_loras`,
+        `reset_prefix_cache`, ...); arguments and result in vLLM's own encoding."""
+        return encode(await self.rt.utility(name, *decode_any(args)))
 
     async def rpc_inject_fault(self, conn: Connection, kind: str, seconds: float = 0.0) -> bool:
         """Stress testing only: this engine's next KV pull fails mid-transfer
@@ -161,29 +189,25 @@ class Agent(SourceVerbs):
         return bool(await self.rt.rpc("llumigrate_fault", kind, float(seconds)))
 
     # -- migration: destination side -------------------------------------------------
-    async def rpc_precopy(self, conn: Connection, key: str, tokens: list[int], load: dict,
-                          timeout: float = 30.0) -> dict:
-        """Run a carrier request that loads `load.num_tokens` positions of
-        `tokens` into this engine's prefix cache. Returns {hit, loaded, failed}."""
-        spec = LoadSpec.from_wire(load)
-        if len(tokens) <= spec.num_tokens:
-            raise ValueError("a carrier needs at least one token beyond the loaded positions")
-        tag = RequestTag(key, spec)
-        sp = sampling_params({"max_tokens": 1, "temperature": 0.0}, tag, stream=False)
+    async def rpc_precopy(self, conn: Connection, request: bytes, timeout: float = 30.0) -> dict:
+        """Run carrier `request` (an EngineCoreRequest whose prompt is the
+        moved request's tokens so far and whose tag loads its full blocks)
+        to load them into this engine's prefix cache. Returns {hit, loaded}."""
+        core = decode_request(request)
+        key = core.request_id
         req = _Req(key, None)
         self.reqs[key] = req
-        req.task = asyncio.get_running_loop().create_task(self._stream(req, tokens, sp, 0))
         try:
+            await self.rt.add(core)
             await asyncio.wait_for(asyncio.shield(req.done.wait()), timeout)
         except asyncio.TimeoutError:
-            await self.rt.abort(key)
+            await self.rt.abort([key])
             raise MigrationAborted("pre-copy stage timed out", "precopy") from None
         finally:
             self.reqs.pop(key, None)
-        kv = (req.result or {}).get("kv") or {}
-        if req.result and req.result["reason"] in ("abort", "error") or kv.get("failed"):
-            raise MigrationAborted(f"pre-copy load failed ({req.result and req.result['reason']})",
-                                   "precopy")
+        kv = req.kv or {}
+        if req.reason in ("abort", "error") or kv.get("failed"):
+            raise MigrationAborted(f"pre-copy load failed ({req.reason})", "precopy")
         return {"hit": kv.get("hit", 0), "loaded": kv.get("loaded", 0)}
 
     async def rpc_cancel(self, conn: Connection, key: str) -> bool:
@@ -199,8 +223,3 @@ class Agent(SourceVerbs):
         if req is None or req.finished:
             raise RequestNotFound(f"no running request {rid!r} on {self.instance_id}")
         return req
-
-
-def _engine_errored(rt: EngineRuntime) -> bool:
-    """True once the engine's processes died (AsyncLLM marks itself errored)."""
-    return bool(getattr(getattr(rt, "llm", None), "errored", False))

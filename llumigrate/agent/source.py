@@ -14,6 +14,7 @@ from llumigrate.agent.rpc import Connection
 from llumigrate.engine.commands import CommandClient
 from llumigrate.engine.notify import NotifyListener
 from llumigrate.engine.params import SealedRequest
+from llumigrate.engine.vllm_api import finished_output, strip_end
 from llumigrate.errors import MigrationAborted
 
 # Fallback poll period of engine state the engine also pushes (engine/notify.py).
@@ -29,6 +30,7 @@ CATCH_UP_S = 1.0
 
 class SourceVerbs:
     rt: Any
+    reqs: dict[str, AgentRequest]
     notify: NotifyListener | None
     commands: CommandClient | None
 
@@ -77,6 +79,14 @@ class SourceVerbs:
         client before this reply."""
         req = self._live(rid)
         req.stopping = True  # from now the stream's end is withheld until the seal says what it was
+        try:
+            return await self._stop(req, timeout)
+        finally:
+            req.stopping = False
+            self.reqs.pop(rid, None)
+
+    async def _stop(self, req: AgentRequest, timeout: float) -> dict:
+        rid = req.rid
         capped = await self._stop_at_step(rid)
         if not capped:
             await self._abort_in_engine(req)
@@ -85,7 +95,7 @@ class SourceVerbs:
             # Capped but not ended (say, vLLM preempted it meanwhile): abort it.
             await self._abort_in_engine(req)
             await self._wait_first(sealed, req, timeout)
-        reason = req.result["reason"] if req.result else None
+        reason = req.reason
         # NOTE: a capped request ends as "length" before its seal arrives: only
         # the seal tells that from a real end.
         if not sealed.done() and reason not in (None, "abort") and not (capped and reason == "length"):
@@ -115,9 +125,10 @@ class SourceVerbs:
         return bool(reply and reply.get("capped"))
 
     async def _abort_in_engine(self, req: AgentRequest) -> None:
+        """Abort in the engine core: its scheduler holds the blocks of a
+        tracked request and seals it; no output comes for it after."""
         req.engine_aborts += 1
-        if not await self.rt.abort_in_engine_core(req.rid):  # the engine frontend no longer knows it
-            await self.rt.abort(req.rid)
+        await self.rt.abort([req.rid])
 
     @staticmethod
     async def _wait_first(sealed: asyncio.Future, req: AgentRequest, timeout: float) -> bool:
@@ -131,9 +142,9 @@ class SourceVerbs:
         return bool(finished)
 
     async def _end_stream(self, req: AgentRequest, res: dict | None, timeout: float) -> None:
-        """Let the stream catch up with the engine's record `res` (bounded:
-        tokens it misses are recovered from the record, without logprobs),
-        then end it."""
+        """Let the outputs catch up with the engine's record `res` (bounded:
+        tokens they miss are recovered from the record, without logprobs),
+        then end the request here (the engine already ended it)."""
         if res is not None and not req.finished:
             record = res.get("sealed") or res
             want = len(record["tokens"]) - int(record["num_prompt_tokens"])
@@ -141,34 +152,30 @@ class SourceVerbs:
             while req.num_tokens < want and not req.finished and \
                     asyncio.get_running_loop().time() < deadline:
                 await asyncio.sleep(0.002)
-        if not req.finished:
-            await self.rt.abort(req.rid)
-        await asyncio.wait_for(req.done.wait(), timeout)
+        if res is None and not req.finished:  # no seal: make sure the engine ends it
+            await self.rt.abort([req.rid])
+        req.finish("abort")
 
     async def _deliver_tokens(self, req: AgentRequest) -> None:
         """A stopped request's withheld tokens (not its end) go to the client."""
         req.stopping = False
-        if req.conn is None:
-            return
-        for event in req.held_back:
-            if event["tokens"]:
-                await req.conn.push("out", **{**event, "finished": False, "reason": None})
+        await self.push_outputs(req, [strip_end(o) for o in req.held_back if o.new_token_ids])
 
     async def _deliver_withheld(self, req: AgentRequest, final: dict | None = None) -> None:
-        """Send the client the events withheld while stopping. With `final`
+        """Send the client the outputs withheld while stopping. With `final`
         (the engine's record of a request that finished as it was stopped),
-        the withheld tokens, then the ones the stream missed, and the finish."""
+        the withheld tokens, then the ones the outputs missed, and the finish."""
         if final is not None:
             await self._deliver_tokens(req)
-            if req.conn is not None:
-                tail = final["tokens"][final["num_prompt_tokens"] + req.num_tokens:]
-                await req.conn.push("out", rid=req.rid, tokens=tail, finished=True,
-                                    reason=final["finished"], stop_reason=final.get("stop_reason"))
+            tail = final["tokens"][final["num_prompt_tokens"] + req.num_tokens:]
+            await self.push_outputs(req, [finished_output(req.rid, tail, final["finished"],
+                                                          final.get("stop_reason"))])
             return
         req.stopping = False
-        if req.conn is not None:
-            for event in req.held_back:
-                await req.conn.push("out", **event)
+        await self.push_outputs(req, req.held_back)
+
+    async def push_outputs(self, req: AgentRequest, outputs: list) -> None:
+        raise NotImplementedError
 
     async def _sealed(self, rid: str, timeout: float) -> dict:
         """{"sealed": record} of stopped `rid`, from the engine's pushes (the

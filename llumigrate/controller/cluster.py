@@ -27,6 +27,7 @@ import tempfile
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,11 @@ from llumigrate.controller.coordinator import Coordinator, MigrationResult
 from llumigrate.controller.failover import FailoverSteps
 from llumigrate.controller.instance import Instance, spawn_agent
 from llumigrate.controller.listener import ClusterListener
+from llumigrate.controller.hops import hop_request
 from llumigrate.controller.request import RequestHandle
+from llumigrate.engine.vllm_api import decode_outputs, finish_reason_name
 from llumigrate.controller.restart import CrashRecord, RestartPolicy
+from llumigrate.controller.utilities import EngineUtilities
 from llumigrate.errors import (ConfigError, InstanceLost, InstanceNotFound, InstanceStartFailed, MigrationRefused,
                                RequestNotFound)
 from llumigrate.migration.faults import FaultHook
@@ -75,7 +79,7 @@ def cpu_threads(num_instances: int, cores: int | None = None) -> dict[str, str]:
 RETAIN_FINISHED = 1024
 
 
-class Cluster(FailoverSteps):
+class Cluster(FailoverSteps, EngineUtilities):
     def __init__(self, model: str, num_instances: int = 2, engine_args: list[str] | None = None,
                  *, run_dir: str | Path | None = None, migration: MigrationConfig | None = None,
                  kv_transport: str = "auto", token: str | None = None, failover: bool = True,
@@ -115,6 +119,8 @@ class Cluster(FailoverSteps):
         self.restart = restart
         self._crashes: dict[str, CrashRecord] = {}
         self._envs: dict[str, dict[str, str] | None] = {}   # what each local instance was started with
+        self._input_maker: Any = None   # vLLM's input processor, for `submit` (made when first needed)
+        self.loras: dict[int, Any] = {}
 
     # -- lifecycle -------------------------------------------------------------
     async def start(self) -> Cluster:
@@ -153,10 +159,11 @@ class Cluster(FailoverSteps):
 
     async def add_instance(self, inst: Instance) -> None:
         await self._connect(inst)
+        await self._load_loras(inst)
         self._register(inst)
 
     async def _connect(self, inst: Instance) -> None:
-        await inst.connect(self._on_event, lambda: self._on_lost(inst, "connection lost"),
+        await inst.connect(lambda msg: self._on_event(inst, msg), lambda: self._on_lost(inst, "connection lost"),
                            token=self.token)
         if not inst.up:  # lost while it connected: never listed
             raise InstanceLost(f"instance {inst.instance_id} was lost while it connected")
@@ -194,15 +201,33 @@ class Cluster(FailoverSteps):
         await self.close()
 
     # -- requests ----------------------------------------------------------------
-    async def submit(self, prompt_token_ids: list[int], sampling: dict | None = None, *,
+    async def submit(self, prompt_token_ids: list[int], sampling: Any = None, *,
                      instance: str | None = None, priority: int = 0,
                      request_id: str | None = None) -> RequestHandle:
-        inst = self._instance(instance) if instance else self._pick()
+        """Python API: run `prompt_token_ids` with `sampling` (a dict of vLLM
+        SamplingParams fields, or SamplingParams); vLLM's input processor
+        completes it as `vllm serve` would."""
         rid = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:6]}"
         if rid in self.requests:
             raise ConfigError(f"request id {rid!r} already in use")
-        h = RequestHandle(rid, list(prompt_token_ids), dict(sampling or {}), priority,
-                          inst.instance_id, on_finish=self._on_finished)
+        core = self._inputs().make(rid, prompt_token_ids, sampling, priority=priority)
+        return await self.submit_core(core, instance=instance)
+
+    def _inputs(self) -> Any:
+        if self._input_maker is None:
+            from llumigrate.engine.vllm_api import TokenRequests
+            self._input_maker = TokenRequests(self.model, self.engine_args)
+        return self._input_maker
+
+    async def submit_core(self, core: Any, *, instance: str | None = None,
+                          emit: Callable[[str, Any], None] | None = None) -> RequestHandle:
+        """Run engine request `core` (vLLM's EngineCoreRequest); its outputs go
+        to `emit` (vLLM's frontend) if given."""
+        inst = self._instance(instance) if instance else self._pick()
+        rid = core.request_id
+        if rid in self.requests and not self.requests[rid].finished:
+            raise ConfigError(f"request id {rid!r} already in use")
+        h = RequestHandle(rid, core, inst.instance_id, emit=emit, on_finish=self._on_finished)
         self.requests[rid] = h
         self._routes[h.engine_rid] = h
         # NOTE: an instance lost while the call is in flight leaves this
@@ -211,8 +236,7 @@ class Cluster(FailoverSteps):
         # over from `_on_lost` as well made two requests of one id.
         self._submitting.add(rid)
         try:
-            await inst.call("generate", rid=h.engine_rid, prompt_token_ids=h.prompt_token_ids,
-                            sampling=h.sampling, priority=priority)
+            await inst.call("add", request=hop_request(h, h.engine_rid))
         except Exception:
             self.requests.pop(rid, None)
             self._routes.pop(h.engine_rid, None)
@@ -227,18 +251,22 @@ class Cluster(FailoverSteps):
     async def abort(self, request_id: str) -> None:
         h = self.get_request(request_id)
         h.abort_requested = True  # a migration in flight checks this before it commits
-        if not h.finished:
-            inst = self.instances.get(h.instance_id)
-            if inst is None or not inst.up:
-                h.finish("abort")
-                return
-            await inst.call("abort", rid=h.engine_rid)
+        if h.finished:
+            return
+        inst = self.instances.get(h.instance_id)
+        if inst is None or not inst.up:
+            h.finish("abort")
+            return
+        # NOTE: False while a migration holds the request stopped: the
+        # migration sees abort_requested and ends it.
+        if await inst.call("abort", rid=h.engine_rid):
+            h.finish("abort")
 
     async def migrate(self, request_id: str, destination: str | None = None,
                       config: MigrationConfig | None = None) -> MigrationResult:
         h = self.get_request(request_id)
-        h.check_migratable()
         src = self._instance(h.instance_id)
+        h.check_migratable(src.info.get("engine_facts"))
         dst = self._instance(destination) if destination else self._pick(exclude=src.instance_id)
         if dst is src:
             raise MigrationRefused("destination is the request's current instance")
@@ -300,32 +328,38 @@ class Cluster(FailoverSteps):
         self._hop_tokens[h.request_id] = 0
         self._routes[h.engine_rid] = h
 
-    def _on_event(self, msg: dict) -> None:
+    def _on_event(self, inst: Instance, msg: dict) -> None:
         kind = msg.get("event")
         if kind == "load":
             self._on_load(msg)
             return
-        if kind != "out":
+        if kind != "out" or not isinstance(msg.get("data"), bytes):
             return
-        h = self._routes.get(msg.get("rid"))
-        if h is None or h.engine_rid != msg["rid"]:
+        outs = decode_outputs(msg["data"])
+        for o in outs.outputs:
+            self._on_output(o)
+        if outs.scheduler_stats is not None:
+            self._notify("on_stats", inst.instance_id, outs.scheduler_stats)
+
+    def _on_output(self, o: Any) -> None:
+        h = self._routes.get(o.request_id)
+        if h is None or h.engine_rid != o.request_id:
             return  # a stale hop (stopped for migration) or a carrier
-        tokens = msg.get("tokens") or []
-        if not h.append(tokens, msg.get("logprobs")):
-            self._spawn(self._abort_diverged(h))
-            return
-        self._hop_tokens[h.request_id] = self._hop_tokens.get(h.request_id, 0) + len(tokens)
-        if msg.get("finished") and msg.get("reason") == "error" and h.committing \
-                and not self._hop_tokens[h.request_id]:
+        n = len(o.new_token_ids)
+        if o.finish_reason is not None and finish_reason_name(o.finish_reason) == "error" \
+                and h.committing and not self._hop_tokens.get(h.request_id, 0) and not n:
             # NOTE: a hop that fails before its first token while a migration
             # commits it (e.g. its final KV load failed) is the migration's
             # failure: the coordinator resumes the request on the source.
-            self._routes.pop(msg["rid"], None)
-            h.fail_hop(str(msg.get("error") or "destination request failed"))
+            self._routes.pop(o.request_id, None)
+            h.fail_hop("destination request failed")
             return
-        if msg.get("finished"):
-            self._routes.pop(msg["rid"], None)
-            h.finish(msg.get("reason"), msg.get("stop_reason"), msg.get("error"))
+        if o.finish_reason is not None:
+            self._routes.pop(o.request_id, None)
+        else:
+            self._hop_tokens[h.request_id] = self._hop_tokens.get(h.request_id, 0) + n
+        if not h.append(o):  # NOTE: after the bookkeeping: a finish may forget the request
+            self._spawn(self._abort_diverged(h))
 
     def _on_finished(self, h: RequestHandle) -> None:
         """A request ended (once, whatever ended it): tell the listener, and
@@ -384,6 +418,7 @@ class Cluster(FailoverSteps):
             try:
                 inst = await self._start_agent(iid, self._envs.get(iid, cpu_threads(self.num_instances)))
                 await self._connect(inst)
+                await self._load_loras(inst)
                 if not self._replaceable(lost):
                     return
                 self._register(inst)

@@ -12,9 +12,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from llumigrate.controller.instance import Instance
-from llumigrate.controller.request import RequestHandle
+from llumigrate.controller.request import RequestHandle, hop_id
 from llumigrate.controller.rollback import RollbackSteps
-from llumigrate.engine.params import SealedRequest
+from llumigrate.controller.hops import carrier_request, hop_request
+from llumigrate.engine.params import LoadSpec, SealedRequest
 from llumigrate.errors import InstanceLost, LlumigrateError, MigrationAborted, MigrationRefused, RequestNotFound
 from llumigrate.migration.faults import FaultContext, FaultHook, FaultPoint
 from llumigrate.migration.protocol import Action, Migration, MigrationConfig, State
@@ -81,7 +82,7 @@ class Coordinator(RollbackSteps):
         self.result = MigrationResult(req.request_id, src.instance_id, dst.instance_id, "")
         self.sealed: SealedRequest | None = None
         self.old_rid = req.engine_rid
-        self.new_rid = f"{req.request_id}#{req.hop + 1}"
+        self.new_rid = hop_id(req.request_id, req.hop + 1)
         self._marks: dict[str, float] = {}
         self._last_src_token_at: float | None = None
         self._before_stop_at: float | None = None
@@ -171,8 +172,8 @@ class Coordinator(RollbackSteps):
             await self._inject(FaultPoint.PRECOPY, self.m.stages_done)
             timeout = self.m.timeout_for() + self.config.paced_copy_s(full_blocks * self.src.block_bytes)
             res = await self.dst.call(
-                "precopy", rpc_timeout=timeout + 5, key=key, tokens=tokens[: n + 1],
-                load=self._load(self.old_rid, n, final=False), timeout=timeout)
+                "precopy", rpc_timeout=timeout + 5, timeout=timeout,
+                request=carrier_request(self.req, key, tokens[: n + 1], self._load(self.old_rid, n, final=False)))
             self.result.blocks_per_stage.append(int(res["loaded"]) // bs)
             logger.debug("%s pre-copy stage %d: %d blocks loaded, %d hit, %d output tokens",
                          self.req.request_id, self.m.stages_done, int(res["loaded"]) // bs,
@@ -213,7 +214,10 @@ class Coordinator(RollbackSteps):
         recovered = s.tokens[len(req.all_token_ids):]
         assert s.tokens[: len(req.all_token_ids)] == req.all_token_ids[: len(s.tokens)], \
             "sealed tokens diverge from the delivered stream"
-        req.append(recovered)
+        if recovered:
+            logger.warning("%s: %d token(s) of the stopped source recovered from its record%s",
+                           req.request_id, len(recovered), " (without logprobs)" if req.wants_logprobs else "")
+        req.recover(recovered)
         self.result.recovered_tokens = len(recovered)
         self.result.stopped_by = str(res.get("stopped_by", ""))
         self._last_src_token_at = req.last_token_at
@@ -223,9 +227,8 @@ class Coordinator(RollbackSteps):
     async def _commit(self) -> None:
         s, req = self.sealed, self.req
         assert s is not None
-        generated = len(s.tokens) - len(req.prompt_token_ids)
-        sampling = req.continuation_sampling(generated)
-        if sampling.get("max_tokens") is not None and sampling["max_tokens"] <= 0:
+        outputs = s.tokens[len(req.prompt_token_ids):]
+        if req.max_tokens is not None and len(outputs) >= req.max_tokens:
             raise MigrationAborted("no tokens left to generate", "committing")
         if req.abort_requested:
             raise MigrationAborted("client aborted the request", "committing")
@@ -235,11 +238,9 @@ class Coordinator(RollbackSteps):
         try:
             await self._inject(FaultPoint.COMMIT)
             self._mark("commit_sent")
-            await self.dst.call("generate", rpc_timeout=self.m.timeout_for(), rid=self.new_rid,
-                                prompt_token_ids=s.tokens, sampling=sampling, priority=req.priority,
-                                load=None if self.config.recompute else
-                                self._load(self.old_rid, s.num_kv_tokens, final=True),
-                                generator_state=s.generator_state)
+            load = None if self.config.recompute else self._load(self.old_rid, s.num_kv_tokens, final=True)
+            await self.dst.call("add", rpc_timeout=self.m.timeout_for(), request=hop_request(
+                req, self.new_rid, outputs=outputs, load=load, generator_state=s.generator_state))
             self._mark("commit_acked")
             if self.config.recompute:  # nothing will pull the held blocks
                 await self.src.call("release", rpc_timeout=5, rid=self.old_rid)
@@ -288,7 +289,7 @@ class Coordinator(RollbackSteps):
                            self.src.instance_id, e)
         self.m.on_released()
 
-    def _load(self, src_key: str, num_tokens: int, *, final: bool) -> dict:
+    def _load(self, src_key: str, num_tokens: int, *, final: bool) -> LoadSpec:
         host, port = self.src.kv_address
-        return {"host": host, "port": port, "src_key": src_key, "num_tokens": num_tokens,
-                "final": final, "rate_mib_s": 0.0 if final else self.config.precopy_rate_mib_s}
+        return LoadSpec(host, port, src_key, num_tokens, final,
+                        0.0 if final else self.config.precopy_rate_mib_s)

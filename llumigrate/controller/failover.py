@@ -1,9 +1,9 @@
 """Failover: continue a request of a lost instance on another one by token
 replay (its KV cache died with the instance, so it is recomputed).
 
-- Greedy and unseeded requests restart from prompt + tokens streamed so far
-  (one prefill), with `max_tokens` reduced: the client's stream continues
-  where it stopped.
+- Greedy and unseeded requests continue after the tokens streamed so far:
+  the same prompt, those tokens restored as outputs (one prefill recomputes
+  their KV), so penalties, grammars and stop checks continue exactly.
 - Seeded requests restart from the original prompt with the same seed: their
   sampler state died too, and replaying every sample is the only way to reach
   it. The tokens already streamed come out again; `RequestHandle.append`
@@ -17,6 +17,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from llumigrate.controller.hops import hop_request
 from llumigrate.controller.instance import Instance
 from llumigrate.controller.request import RequestHandle
 from llumigrate.errors import InstanceLost
@@ -24,26 +25,24 @@ from llumigrate.errors import InstanceLost
 logger = logging.getLogger(__name__)
 
 
-def is_seeded(sampling: dict) -> bool:
-    return sampling.get("seed") is not None and float(sampling.get("temperature", 1.0)) > 0
+def is_seeded(sampling: Any) -> bool:
+    return sampling is not None and sampling.seed is not None and float(sampling.temperature) > 0
 
 
 async def replay(h: RequestHandle, dst: Instance,
                  set_hop: Callable[[RequestHandle, Instance, int], None]) -> None:
     """Start `h`'s next hop on `dst` by replay. Raises what `dst.call` raises."""
+    outputs: list[int] = []
     if is_seeded(h.sampling):
         h.replay_expected = list(h.output_token_ids)
-        prompt, sampling = h.prompt_token_ids, dict(h.sampling)
     else:
-        prompt = h.all_token_ids
-        sampling = h.continuation_sampling(len(h.output_token_ids))
-        if sampling.get("max_tokens") is not None and sampling["max_tokens"] <= 0:
+        outputs = list(h.output_token_ids)
+        if h.max_tokens is not None and len(outputs) >= h.max_tokens:
             h.finish("length")
             return
     h.num_failovers += 1
     set_hop(h, dst, h.hop + 1)
-    await dst.call("generate", rid=h.engine_rid, prompt_token_ids=prompt, sampling=sampling,
-                   priority=h.priority)
+    await dst.call("add", request=hop_request(h, h.engine_rid, outputs=outputs))
 
 
 class FailoverSteps:

@@ -23,6 +23,9 @@ class ClusterListener:
     def on_load(self, instance_id: str, load: dict) -> None:
         """An instance pushed a load report (see `engine.runtime.Load`)."""
 
+    def on_stats(self, instance_id: str, stats: object) -> None:
+        """An instance's engine reported a step's scheduler stats (vLLM's SchedulerStats)."""
+
     def on_dispatch(self, handle: RequestHandle, instance_id: str) -> None:
         """A new request was sent to an instance."""
 

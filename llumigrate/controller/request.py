@@ -1,6 +1,15 @@
-"""`RequestHandle`: one client request as the controller sees it, across any
-number of migrations. The stream it yields is the concatenation of each hop's
-tokens; a hop's engine request id is `f"{request_id}#{hop}"`."""
+"""`RequestHandle`: one engine request (vLLM's `EngineCoreRequest`, as the
+serve process's vLLM frontend made it) as the controller sees it, across any
+number of migrations and failovers.
+
+Each hop runs the same request, under engine id `request_id` (hop 0) or
+`f"{request_id}#{hop}"`: the same prompt, the same sampling parameters, and
+the output tokens of the hops before it, restored as *outputs* (never folded
+into the prompt: penalties, grammars, `min_tokens` and stop checks see them
+as the source did). The outputs of every hop are joined into one stream of
+vLLM `EngineCoreOutput`s under `request_id`, for vLLM's frontend (`emit`)
+and for Python API callers (`stream`, `output_token_ids`).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +17,12 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+from llumigrate.engine.vllm_api import (EngineCoreOutput, EngineCoreRequest, core_refusal,
+                                        finish_reason_name, keep_preemptions, logprob_rows,
+                                        renamed_output, terminal_output)
 from llumigrate.errors import MigrationRefused
-
-# Sampling features whose state cannot be carried to another engine exactly.
-_PENALTIES = ("presence_penalty", "frequency_penalty")
 
 
 @dataclass
@@ -20,22 +30,18 @@ class StreamDelta:
     token_ids: list[int]
     finished: bool = False
     finish_reason: str | None = None
-    # When the request asked for logprobs: per token, [[token_id, logprob,
-    # rank], ...] (the sampled token first), or None where a token's logprobs
-    # were lost (a token recovered from a stopped source's record).
-    logprobs: list[list[list] | None] | None = None
 
 
 @dataclass
 class RequestHandle:
     request_id: str
-    prompt_token_ids: list[int]
-    sampling: dict
-    priority: int
+    core: EngineCoreRequest
     instance_id: str
     hop: int = 0
     output_token_ids: list[int] = field(default_factory=list)
-    # Aligned with output_token_ids when the request asked for logprobs, else None.
+    # With output_token_ids when the request asked for logprobs: per token
+    # [[token_id, logprob, rank], ...], the sampled token first, then the top
+    # ones; None for a token recovered from a stopped source's record.
     output_logprobs: list[list[list] | None] | None = None
     finished: bool = False
     finish_reason: str | None = None
@@ -59,19 +65,53 @@ class RequestHandle:
     last_token_at: float | None = None
     token_times: list[float] = field(default_factory=list)  # arrival time of each delta
     token_counts: list[int] = field(default_factory=list)   # tokens in each delta (same order)
+    # Where its outputs go (vLLM's frontend), with the instance they come
+    # from; None for Python API callers.
+    emit: Callable[[str, EngineCoreOutput], None] | None = field(default=None, repr=False)
     # Told once, when the request finishes, whatever finished it (the cluster's listener).
     on_finish: Callable[[RequestHandle], None] | None = field(default=None, repr=False)
-    _queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    _queue: asyncio.Queue | None = field(default=None, repr=False)
     _done: asyncio.Event = field(default_factory=asyncio.Event)
     _token_event: asyncio.Event = field(default_factory=asyncio.Event)
 
+    def __post_init__(self) -> None:
+        if self.queued_at is None:
+            self.queued_at = self.arrival
+        if self.output_logprobs is None and self.wants_logprobs:
+            self.output_logprobs = []
+
+    # -- what it is ----------------------------------------------------------
     @property
     def engine_rid(self) -> str:
-        return f"{self.request_id}#{self.hop}"
+        return hop_id(self.request_id, self.hop)
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return list(self.core.prompt_token_ids or ())
 
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def sampling(self) -> Any:
+        """Its vLLM SamplingParams (None for a pooling request)."""
+        return self.core.sampling_params
+
+    @property
+    def priority(self) -> int:
+        """vLLM's priority: lower values are served first."""
+        return int(self.core.priority)
+
+    @property
+    def max_tokens(self) -> int | None:
+        sp = self.core.sampling_params
+        return None if sp is None else sp.max_tokens
+
+    @property
+    def wants_logprobs(self) -> bool:
+        sp = self.core.sampling_params
+        return sp is not None and sp.logprobs is not None
 
     def decode_rate(self, window: int = 16) -> float | None:
         """Tokens per second over its last `window` deltas (None before two):
@@ -83,32 +123,32 @@ class RequestHandle:
         return sum(self.token_counts[-k + 1:]) / elapsed if elapsed > 0 else None
 
     # -- fed by the controller ---------------------------------------------------
-    def __post_init__(self) -> None:
-        if self.queued_at is None:
-            self.queued_at = self.arrival
-        if self.output_logprobs is None and self.sampling.get("logprobs") is not None:
-            self.output_logprobs = []
-
-    def append(self, tokens: list[int], logprobs: list | None = None) -> bool:
-        """Add a hop's new tokens (and their logprobs, one entry per token,
-        when the request asked for them). False if they contradict the tokens
-        a failover replay was expected to reproduce (nothing is added then)."""
-        if logprobs is not None and len(logprobs) != len(tokens):
-            logprobs = None  # misaligned: never attach a token's logprobs to another
+    def append(self, output: EngineCoreOutput) -> bool:
+        """Add one engine output of the current hop (its tokens, and its end
+        if it ended). False if its tokens contradict those a failover replay
+        was expected to reproduce (nothing is added then)."""
+        tokens = list(output.new_token_ids)
         if self.replay_expected and tokens:
             n = min(len(tokens), len(self.replay_expected))
-            if list(tokens[:n]) != self.replay_expected[:n]:
+            if tokens[:n] != self.replay_expected[:n]:
                 return False
             del self.replay_expected[:n]
             tokens = tokens[n:]
-            logprobs = logprobs[n:] if logprobs is not None else None
-        if not tokens:
-            return True
+            if not tokens and output.finish_reason is None:
+                return True
+            output = replayed_tail(output, n)
+        if tokens:
+            self._note_tokens(tokens, logprob_rows(output.new_logprobs, len(tokens)))
+        if output.finish_reason is not None:
+            self._end(finish_reason_name(output.finish_reason), output.stop_reason, None,
+                      self._for_frontend(output))
+        elif tokens or output.pooling_output is not None or output.new_prompt_logprobs_tensors is not None:
+            self._forward(self._for_frontend(output))
+        return True
+
+    def _note_tokens(self, tokens: list[int], logprobs: list | None = None) -> None:
         if self.output_logprobs is not None:
-            logprobs = list(logprobs) if logprobs is not None else [None] * len(tokens)
-            self.output_logprobs.extend(logprobs)
-        else:
-            logprobs = None
+            self.output_logprobs.extend(logprobs if logprobs is not None else [None] * len(tokens))
         now = time.monotonic()
         if self.first_token_at is None:
             self.first_token_at = now
@@ -116,25 +156,75 @@ class RequestHandle:
         self.token_times.append(now)
         self.token_counts.append(len(tokens))
         self.output_token_ids.extend(tokens)
-        self._queue.put_nowait(StreamDelta(list(tokens), logprobs=logprobs))
+        if self._queue is not None:
+            self._queue.put_nowait(StreamDelta(list(tokens)))
         self._token_event.set()
-        return True
+
+    def _for_frontend(self, output: EngineCoreOutput) -> EngineCoreOutput:
+        """The output as vLLM's frontend must see it: under the request's own
+        id, and from a later hop only what the first did not report already
+        (its queueing events and prefill stats describe the hop, not the request)."""
+        if self.hop == 0:
+            return output
+        return keep_preemptions(renamed_output(output, self.request_id))
+
+    def _forward(self, output: EngineCoreOutput) -> None:
+        if self.emit is not None:
+            self.emit(self.instance_id, output)
+
+    def recover(self, tokens: list[int]) -> None:
+        """Tokens a stopped source produced that its outputs did not deliver
+        (taken from its sealed record; they carry no logprobs)."""
+        if tokens:
+            self._note_tokens(list(tokens))
+            self._forward(EngineCoreOutput(request_id=self.request_id, new_token_ids=list(tokens)))
 
     def finish(self, reason: str | None, stop_reason: object = None, error: str | None = None) -> None:
-        """End the stream; only the first call counts (and calls `on_finish`)."""
+        """End the stream from here (an abort, a failure, no instance left);
+        only the first end counts (and calls `on_finish`)."""
+        self._end(reason, stop_reason, error,
+                  terminal_output(self.request_id, reason or "abort", stop_reason))
+
+    def _end(self, reason: str | None, stop_reason: object, error: str | None,
+             output: EngineCoreOutput) -> None:
         if self.finished:
             return
         self.finished, self.finish_reason = True, reason
         self.stop_reason, self.error = stop_reason, error
-        self._queue.put_nowait(StreamDelta([], True, reason))
+        self._forward(output)
+        if self._queue is not None:
+            self._queue.put_nowait(StreamDelta([], True, reason))
         self._done.set()
         self._token_event.set()
         if self.on_finish is not None:
             self.on_finish(self)
 
-    # -- read by clients -----------------------------------------------------
+    # -- migration ---------------------------------------------------------------
+    def migration_refusal(self, engine_facts: dict | None = None) -> str | None:
+        """Why this request cannot move now (between engines that
+        `engine_facts` describes), or None if it can."""
+        if self.finished:
+            return "request already finished"
+        if self.migrating:
+            return "request is already migrating"
+        return core_refusal(self.core, engine_facts)
+
+    def check_migratable(self, engine_facts: dict | None = None) -> None:
+        """Raise MigrationRefused if this request's state cannot move exactly."""
+        reason = self.migration_refusal(engine_facts)
+        if reason is not None:
+            raise MigrationRefused(reason)
+
+    # -- read by Python API callers ------------------------------------------------
     async def stream(self):
-        """Yield `StreamDelta`s until the request finishes."""
+        """Yield `StreamDelta`s until the request finishes (call before its
+        first token, once)."""
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+            if self.output_token_ids:
+                self._queue.put_nowait(StreamDelta(list(self.output_token_ids)))
+            if self.finished:
+                self._queue.put_nowait(StreamDelta([], True, self.finish_reason))
         while True:
             delta = await self._queue.get()
             yield delta
@@ -159,27 +249,14 @@ class RequestHandle:
                 await self._token_event.wait()
         await asyncio.wait_for(_wait(), timeout)
 
-    # -- migration helpers -----------------------------------------------------
-    def check_migratable(self) -> None:
-        """Raise MigrationRefused if this request's state cannot move exactly."""
-        s = self.sampling
-        if s.get("n", 1) != 1:
-            raise MigrationRefused("parallel sampling (n > 1) cannot be migrated")
-        for name in _PENALTIES:
-            if s.get(name):
-                raise MigrationRefused(f"{name} counts output tokens; it cannot be carried exactly")
-        if s.get("structured_outputs"):
-            raise MigrationRefused("structured output (grammar) state cannot be carried")
-        if self.finished:
-            raise MigrationRefused("request already finished")
-        if self.migrating:
-            raise MigrationRefused("request is already migrating")
 
-    def continuation_sampling(self, num_generated: int) -> dict:
-        """Sampling for the next hop after `num_generated` output tokens."""
-        s = dict(self.sampling)
-        if s.get("max_tokens") is not None:
-            s["max_tokens"] = int(s["max_tokens"]) - num_generated
-        if s.get("min_tokens"):
-            s["min_tokens"] = max(0, int(s["min_tokens"]) - num_generated)
-        return s
+def hop_id(request_id: str, hop: int) -> str:
+    """The engine request id of hop `hop` of `request_id`."""
+    return request_id if hop == 0 else f"{request_id}#{hop}"
+
+
+def replayed_tail(output: EngineCoreOutput, n: int) -> EngineCoreOutput:
+    """`output` without its first `n` tokens (a failover replay reproduced
+    them; the client has them already)."""
+    from llumigrate.engine.vllm_api import drop_first_tokens
+    return drop_first_tokens(output, n)

@@ -8,11 +8,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from llumigrate.controller.instance import Instance
 from llumigrate.controller.request import RequestHandle
-from llumigrate.engine.params import SealedRequest
+from llumigrate.controller.hops import hop_request
+from llumigrate.engine.params import LoadSpec, SealedRequest
 from llumigrate.errors import MigrationAborted
 from llumigrate.migration.protocol import Action, Migration
 
@@ -30,7 +30,7 @@ class RollbackSteps:
     on_hop: Callable[..., None]
     on_source_lost: Callable[[RequestHandle], Awaitable[bool]] | None
 
-    def _load(self, src_key: str, num_tokens: int, *, final: bool) -> dict[str, Any]:
+    def _load(self, src_key: str, num_tokens: int, *, final: bool) -> LoadSpec:
         raise NotImplementedError
 
     async def _rollback(self, action: Action) -> None:
@@ -112,24 +112,23 @@ class RollbackSteps:
         # hop was a failover replay that had not caught up with what was
         # streamed): the resumed hop reproduces those tokens, which are checked
         # and not sent again, never dropped from the request's record.
-        generated = len(sealed.tokens) - len(req.prompt_token_ids)
-        req.replay_expected = list(req.output_token_ids[generated:])
+        outputs = sealed.tokens[len(req.prompt_token_ids):]
+        req.replay_expected = list(req.output_token_ids[len(outputs):])
         missing = sealed.tokens[len(req.all_token_ids):]
         if missing:  # the resumed hop continues after every sealed token: the client needs them all
             logger.warning("%s: %d sealed tokens had not reached the stream; sending them before "
                            "resuming", req.request_id, len(missing))
-            req.append(missing)
+            req.recover(missing)
         n_before = len(req.output_token_ids)
         self.on_hop(req, self.src, req.hop + 1)  # a fresh hop id, never reused
         # Like a commit: a hop that fails before its first token (say, its
         # KV load found the hold gone) is reported here, not to the client.
         req.committing = True
         try:
-            await self.src.call("generate", rpc_timeout=30, rid=req.engine_rid,
-                                prompt_token_ids=sealed.tokens,
-                                sampling=req.continuation_sampling(generated), priority=req.priority,
-                                load=self._load(self.old_rid, sealed.num_kv_tokens, final=True),
-                                generator_state=sealed.generator_state)
+            await self.src.call("add", rpc_timeout=30, request=hop_request(
+                req, req.engine_rid, outputs=outputs,
+                load=self._load(self.old_rid, sealed.num_kv_tokens, final=True),
+                generator_state=sealed.generator_state))
             await self._release_after_resume(n_before)
         finally:
             req.committing = False

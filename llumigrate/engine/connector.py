@@ -15,6 +15,7 @@ from llumigrate.engine.vllm_compat import (
     KVConnectorRole,
     bound_mq_spin,
     check_version,
+    engine_facts,
 )
 from llumigrate.engine.worker_side import WorkerSide
 
@@ -36,7 +37,8 @@ class LlumigrateConnector(KVConnectorBase_V1):
         self._worker: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:
             self._scheduler = SchedulerSide(block_size, extra,
-                                            int(vllm_config.model_config.max_model_len))
+                                            int(vllm_config.model_config.max_model_len),
+                                            engine_facts(vllm_config))
         else:
             self._worker = WorkerSide(block_size, extra)
 
@@ -73,6 +75,13 @@ class LlumigrateConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict) -> None:
         assert self._worker is not None
         self._worker.register_kv_caches(kv_caches)
+
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        # NOTE: the runner calls this with the step's metadata before it
+        # updates its request states (`_update_states`); `bind_connector_
+        # metadata` comes only after it prepared the step's inputs.
+        assert self._worker is not None and isinstance(kv_connector_metadata, SchedulerMeta)
+        self._worker.before_update(kv_connector_metadata)
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)

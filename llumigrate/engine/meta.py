@@ -48,6 +48,9 @@ class SchedulerMeta(KVConnectorMetadata):
     loads: list[LoadJob] = field(default_factory=list)
     held: list[HeldRequest] = field(default_factory=list)
     generator_states: dict[str, bytes] = field(default_factory=dict)  # req_id -> state
+    # Restored requests scheduled for the first time in this step: req_id ->
+    # the output tokens they had on their source (see engine/restore.py).
+    restored_outputs: dict[str, list[int]] = field(default_factory=dict)
     tracked: frozenset[str] = frozenset()                         # keys the scheduler holds on abort
     # The step schedules no tokens: vLLM steps only to poll the connector
     # (loads in flight, blocks held), and the worker may wait for news.

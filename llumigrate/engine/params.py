@@ -47,12 +47,22 @@ class LoadSpec:
 
 @dataclass(frozen=True)
 class RequestTag:
-    """llumigrate's identity and instructions for one engine request."""
+    """llumigrate's identity and instructions for one engine request.
+
+    `output_tokens` restores a moved request: the engine request carries the
+    original prompt and sampling parameters, and these are the output tokens
+    it already produced on its source. The engine holds them as outputs (they
+    count for max_tokens, min_tokens, penalties, stop checks and the grammar)
+    and emits only the tokens that follow. Empty: a fresh request."""
 
     key: str
     load: LoadSpec | None = None
     # torch.Generator state to install before the first sample (seeded resume).
     generator_state: bytes | None = None
+    output_tokens: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "output_tokens", tuple(int(t) for t in self.output_tokens))
 
     def to_params(self) -> dict:
         d: dict = {"key": self.key}
@@ -60,6 +70,8 @@ class RequestTag:
             d["load"] = self.load.to_wire()
         if self.generator_state is not None:
             d["gen"] = base64.b64encode(self.generator_state).decode()
+        if self.output_tokens:
+            d["out"] = list(self.output_tokens)
         return {PARAMS_KEY: d}
 
     @classmethod
@@ -69,7 +81,7 @@ class RequestTag:
         d = params[PARAMS_KEY]
         load = LoadSpec.from_wire(d["load"]) if d.get("load") else None
         gen = base64.b64decode(d["gen"]) if d.get("gen") else None
-        return cls(str(d["key"]), load, gen)
+        return cls(str(d["key"]), load, gen, tuple(d.get("out") or ()))
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,10 @@ It (1) turns a request's `LoadSpec` into an async KV load of the positions the
 destination does not already hold in its prefix cache, (2) streams every
 request's block table to the workers so their KV server can serve pulls of a
 running request, and (3) holds the blocks of a tracked request when it is
-stopped (stop-and-copy) until a worker reports the final pull done, and (4)
+stopped (stop-and-copy) until a worker reports the final pull done, (4)
 tells the agent which requests vLLM preempted: they are queued again and hold
-no blocks, which the global scheduler must know to see a queue's real head.
+no blocks, which the global scheduler must know to see a queue's real head,
+and (5) restores a moved request's output tokens (`restore.py`).
 
 A stop is a request finishing at a step boundary: on the agent's `stop`
 command (`engine/commands.py`) a running tracked request is capped to end
@@ -26,6 +27,8 @@ from llumigrate.engine.commands import CommandServer
 from llumigrate.engine.meta import HeldRequest, LoadJob, SchedulerMeta, WorkerMeta
 from llumigrate.engine.notify import Notifier
 from llumigrate.engine.params import PARAMS_KEY, RequestTag, plain_stop_reason
+from llumigrate.engine.refusal import EngineFacts
+from llumigrate.engine.restore import SchedulerRestores
 from llumigrate.engine.vllm_compat import (
     cap_output_tokens,
     finish_reason,
@@ -49,10 +52,11 @@ BLOCK_REPORT_S = 0.05
 
 class SchedulerSide:
     def __init__(self, block_size: int, extra: dict[str, Any] | None = None,
-                 max_model_len: int | None = None) -> None:
+                 max_model_len: int | None = None, facts: EngineFacts | None = None) -> None:
         extra = extra or {}
         self.block_size = block_size
         self.max_model_len = max_model_len
+        self.restores = SchedulerRestores(facts, max_model_len)
         self.sync_load_max_blocks = int(extra.get("sync_load_max_blocks", SYNC_LOAD_MAX_BLOCKS))
         self.notifier = Notifier(extra.get("notify_path"))
         self._keys: dict[str, str] = {}          # req_id -> key, live requests
@@ -133,8 +137,18 @@ class SchedulerSide:
         self._meta.keys[request.request_id] = tag.key
         if tag.load is not None or tag.generator_state is not None:
             self._tags[request.request_id] = tag
+        if tag.output_tokens:
+            # NOTE: vLLM calls this right after queueing the request, before
+            # any prefix lookup: the restored outputs are in its block hashes.
+            self.restores.on_new_request(request, tag.output_tokens)
 
-    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
+    def get_num_new_matched_tokens(self, request: Any,
+                                   num_computed_tokens: int) -> tuple[int | None, bool]:
+        """Tokens past `num_computed_tokens` this connector loads (and
+        whether asynchronously). None: not schedulable now (a restored
+        request whose grammar refused its outputs; it fails next step)."""
+        if not self.restores.admit(request):
+            return None, False
         tag = self._tags.get(request.request_id)
         if tag is None or tag.load is None:
             return 0, False
@@ -180,6 +194,7 @@ class SchedulerSide:
             tag = self._tags.get(new_req.req_id)
             if tag is not None and tag.generator_state is not None:
                 meta.generator_states[new_req.req_id] = tag.generator_state
+        meta.restored_outputs = self.restores.take_scheduled(scheduler_output)
         meta.tracked = frozenset(self._tracked)
         meta.idle = getattr(scheduler_output, "total_num_scheduled_tokens", None) == 0
         self._meta = SchedulerMeta()
@@ -224,9 +239,11 @@ class SchedulerSide:
         load = self._loads.pop(req_id, None)
         failed = req_id in self._failed
         self._failed.discard(req_id)
-        params = None
+        report: dict = {}
         if load is not None:
-            params = {PARAMS_KEY: {"hit": load[0], "loaded": load[1], "failed": failed}}
+            report.update(hit=load[0], loaded=load[1], failed=failed)
+        report.update(self.restores.finished(req_id) or {})
+        params = {PARAMS_KEY: report} if report else None
         if key is not None:
             self._requests.pop(key, None)
         stopped = key is not None and (is_aborted(request) or self._stopped_at_cap(key, request))

@@ -23,10 +23,10 @@ def _side() -> Any:
 
 class LlumigrateWorkerExtension:
     def llumigrate_attach(self) -> dict:
-        """Give the connector this worker's model runner; returns KV server info."""
-        side = _side()
-        side.model_runner = self.model_runner  # type: ignore[attr-defined]
-        return side.info()
+        """Give the connector this worker's model runner (sampler states,
+        restored requests); returns KV server info. Call before any request
+        with restored output tokens or a generator state arrives."""
+        return _side().attach(self.model_runner)  # type: ignore[attr-defined]
 
     def llumigrate_track(self, key: str) -> bool:
         return _side().track(key)

@@ -23,6 +23,7 @@ from llumigrate.engine.kv_loads import LoadRunner
 from llumigrate.engine.meta import HeldRequest, SchedulerMeta, WorkerMeta
 from llumigrate.engine.notify import Notifier
 from llumigrate.engine.params import SealedRequest
+from llumigrate.engine.restore import WorkerRestores
 from llumigrate.engine.sampler_state import SamplerStates, install_sampler_state
 from llumigrate.errors import TransferRefused
 from llumigrate.transfer import Grant, KVClient, KVServer, PullRequest
@@ -76,6 +77,7 @@ class WorkerSide:
         # Untracks sent that the scheduler's `tracked` set does not show yet.
         self._untrack_sent: set[str] = set()
         self._sampler = SamplerStates()
+        self.restores = WorkerRestores()
         self._released: set[str] = set()             # req_ids to report finished_sending
         self._release_pending: dict[str, float] = {}  # key -> until: release when held arrives
         self.server: KVServer | None = None
@@ -91,6 +93,19 @@ class WorkerSide:
         self.server.start()
         self.client = self.loads.client = KVClient(self.layers, token=self.token, transport=self.transport)
 
+    def attach(self, model_runner: Any) -> dict:
+        """Take this worker's model runner (the worker extension's
+        `llumigrate_attach`); returns `info()` plus whether restored requests
+        can be held here ("restores": the runner has a V1 input batch)."""
+        self.model_runner = model_runner
+        try:
+            self.restores.install(model_runner)
+            restores = True
+        except RuntimeError as e:
+            logger.warning("%s", e)
+            restores = False
+        return {**self.info(), "restores": restores}
+
     def info(self) -> dict:
         assert self.server is not None, "KV caches not registered yet"
         host, port = self.server.address
@@ -99,7 +114,13 @@ class WorkerSide:
                 "block_bytes": int(self.layers[0][0].numel() * self.layers[0].element_size())}
 
     # -- engine thread, once per step ------------------------------------------
+    def before_update(self, meta: SchedulerMeta) -> None:
+        """Before the runner updates its request states for this step: keep
+        the restored outputs of the requests entering its batch now."""
+        self.restores.stash(self.model_runner, meta.restored_outputs)
+
     def bind(self, meta: SchedulerMeta) -> None:
+        self.restores.check_applied()
         self._idle_step = meta.idle
         with self._lock:
             self._scheduler_tracked = meta.tracked

@@ -1,15 +1,18 @@
 """`ServeObserver`: the cluster's listener in `llumigrate serve`. Turns what
 the cluster reports into control-API events (`control.events`) and Prometheus
-metrics (`frontend.metrics`)."""
+metrics (`serve.metrics`)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 from llumigrate.control import events as ev
 from llumigrate.control.events import EventBus
 from llumigrate.controller.coordinator import MigrationResult
 from llumigrate.controller.listener import ClusterListener
 from llumigrate.controller.request import RequestHandle
-from llumigrate.frontend.metrics import Metrics
+from llumigrate.serve.metrics import Metrics
 
 LOAD_FIGURES = ("free_blocks", "num_blocks", "num_running", "num_waiting", "kv_cache_usage", "num_preempted")
 
@@ -21,6 +24,12 @@ class ServeObserver(ClusterListener):
         # migrations nobody registered are "manual" (the control API, tests).
         self.reasons: dict[str, str] = {}
         self.block_bytes: dict[str, int] = {}   # instance -> bytes of one block, all layers
+        # Where instances' scheduler stats go (vLLM's stat loggers, through the frontend's client).
+        self.stats_sink: Callable[[str, Any], None] | None = None
+
+    def on_stats(self, instance_id: str, stats: Any) -> None:
+        if self.stats_sink is not None:
+            self.stats_sink(instance_id, stats)
 
     def on_instance_up(self, instance_id: str, info: dict) -> None:
         self.block_bytes[instance_id] = int(info.get("block_bytes", 0)) * int(info.get("num_layers", 1))

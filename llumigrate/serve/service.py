@@ -1,7 +1,7 @@
 """`Service`: everything `llumigrate serve` runs, on one event loop.
 
     cluster (N agents) -> observer (events + metrics) -> GlobalScheduler
-    -> OpenAI HTTP frontend (ClusterGenerateBackend)
+    -> vLLM's OpenAI server (`frontend.py`: AsyncLLM over ClusterEngineClient)
     -> gRPC control API (ClusterControlBackend)
 
 `start()` brings the instances up first (nothing is served before they
@@ -11,8 +11,9 @@ are), then the scheduler loop, the control API and the HTTP endpoint;
 
 from __future__ import annotations
 
-import asyncio
+import argparse
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,15 +21,14 @@ from llumigrate.control.events import EventBus
 from llumigrate.control.server import DEFAULT_ADDRESS, ControlServer, ControlServerConfig
 from llumigrate.controller.cluster import RETAIN_FINISHED, Cluster
 from llumigrate.controller.restart import RestartPolicy
+from llumigrate.engine.vllm_api import parse_vllm_serve_args
 from llumigrate.errors import ConfigError
-from llumigrate.frontend.app import build_app
-from llumigrate.frontend.metrics import Metrics
-from llumigrate.frontend.server import bind_socket, bound_port, make_server
 from llumigrate.migration.protocol import MigrationConfig
 from llumigrate.netutil import is_loopback
 from llumigrate.scheduler import DEFAULT_INTERVAL_S, SchedulerConfig
 from llumigrate.serve.control_backend import ClusterControlBackend
-from llumigrate.serve.generate_backend import ClusterGenerateBackend
+from llumigrate.serve.frontend import Frontend, bind_socket
+from llumigrate.serve.metrics import Metrics
 from llumigrate.serve.observer import ServeObserver
 from llumigrate.serve.scheduler import GlobalScheduler
 
@@ -40,11 +40,12 @@ logger = logging.getLogger(__name__)
 class ServeConfig:
     model: str
     num_instances: int = 2
+    # `vllm serve`'s own arguments (frontend and engine), MODEL and the ones below aside.
     engine_args: tuple[str, ...] = ()
-    served_model_name: str | None = None
+    served_model_name: str | tuple[str, ...] | None = None
     host: str = "127.0.0.1"          # OpenAI endpoint
     port: int = 8000
-    api_key: str | None = None       # required off loopback
+    api_key: str | None = None       # required off loopback (or VLLM_API_KEY)
     control_address: str = DEFAULT_ADDRESS
     token: str | None = None         # control API and agents; required off loopback
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -64,14 +65,23 @@ class ServeConfig:
             raise ConfigError(f"num_instances must be >= 0, got {self.num_instances}")
         if self.retain_finished < 0:
             raise ConfigError(f"retain_finished must be >= 0, got {self.retain_finished}")
-        if not is_loopback(self.host) and not self.api_key:
-            raise ConfigError(f"serving HTTP on {self.host} needs --api-key "
+        if not is_loopback(self.host) and not (self.api_key or os.environ.get("VLLM_API_KEY")):
+            raise ConfigError(f"serving HTTP on {self.host} needs --api-key or VLLM_API_KEY "
                               "(only loopback is served without one)")
 
+    def vllm_args(self) -> argparse.Namespace:
+        """The parsed `vllm serve` arguments of the frontend (ConfigError if vLLM refuses them)."""
+        names = (self.served_model_name,) if isinstance(self.served_model_name, str) \
+            else tuple(self.served_model_name or ())
+        argv = [self.model, *self.engine_args, "--host", self.host, "--port", str(self.port),
+                *(["--api-key", self.api_key] if self.api_key else []),
+                *(["--served-model-name", *names] if names else [])]
+        return parse_vllm_serve_args(argv)
 
 class Service:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
+        self.args = config.vllm_args()
         self.bus = EventBus()
         self.metrics = Metrics()
         self.observer = ServeObserver(self.bus, self.metrics)
@@ -86,10 +96,8 @@ class Service:
                                          interval_s=config.interval_s)
         self.control = ControlServer(ClusterControlBackend(self.scheduler, self.bus),
                                      ControlServerConfig(config.control_address, config.token))
-        self.http = None
-        self.http_port: int | None = None
+        self.frontend = Frontend(self.args, self.cluster, self.scheduler)
         self.control_port: int | None = None
-        self._http_task = None
 
     async def start(self) -> Service:
         # Both listening addresses are taken before the engines start (they
@@ -102,30 +110,22 @@ class Service:
             await self.cluster.start()
             self.scheduler.start()
             self.control_port = await self.control.start()
-            first = next(iter(self.cluster.instances.values()), None)
-            max_len = int(first.info["max_model_len"]) if first else 0
-            backend = ClusterGenerateBackend(
-                self.cluster, self.scheduler, model_name=self.config.served_model_name or self.config.model,
-                model_path=self.config.model, max_model_len=max_len)
-            app = build_app(backend, self.metrics, api_key=self.config.api_key)
-            self.http = make_server(app, self.config.host, self.config.port, self.config.log_level)
+            await self.frontend.start(sock)
         except BaseException:
             sock.close()
             raise
-        self._http_task = asyncio.get_running_loop().create_task(self.http.serve(sockets=[sock]))
-        while not self.http.started:
-            if self._http_task.done():
-                await self._http_task  # raises why it could not start
-                raise ConfigError(f"HTTP server on {self.config.host}:{self.config.port} did not start")
-            await asyncio.sleep(0.05)
-        self.http_port = bound_port(self.http)
+        self.observer.stats_sink = self.frontend.client.on_stats if self.frontend.client else None
+        self.metrics.expose()
         return self
 
+    @property
+    def http_port(self) -> int | None:
+        return self.frontend.port
+
     async def stop(self) -> None:
-        if self.http is not None:
-            self.http.should_exit = True
-            if self._http_task is not None:
-                await self._http_task
+        self.observer.stats_sink = None
+        await self.frontend.stop()
+        self.metrics.unexpose()
         await self.control.stop()
         await self.scheduler.stop()
         await self.cluster.close()

@@ -14,21 +14,16 @@ from __future__ import annotations
 from llumigrate.controller.cluster import Cluster
 from llumigrate.controller.instance import Instance
 from llumigrate.controller.request import RequestHandle
-from llumigrate.errors import MigrationRefused
 from llumigrate.scheduler import ClusterSnapshot, InstanceSnapshot, RequestSnapshot
 from llumigrate.scheduler.snapshot import blocks_for
 
 DEFAULT_BLOCK_SIZE = 16
 
 
-def request_snapshot(h: RequestHandle, waiting: bool) -> RequestSnapshot:
-    try:
-        h.check_migratable()
-        migratable = True
-    except MigrationRefused:
-        migratable = False
+def request_snapshot(h: RequestHandle, waiting: bool, engine_facts: dict | None = None) -> RequestSnapshot:
+    migratable = h.migration_refusal(engine_facts) is None
     return RequestSnapshot(h.request_id, h.instance_id, h.priority, len(h.prompt_token_ids),
-                           len(h.output_token_ids), h.sampling.get("max_tokens"),
+                           len(h.output_token_ids), h.max_tokens,
                            "waiting" if waiting else "running", h.migrating, migratable,
                            None if waiting else h.decode_rate())
 
@@ -50,8 +45,9 @@ def instance_snapshot(inst: Instance, handles: list[RequestHandle]) -> InstanceS
                     key=lambda h: h.queued_at)[: max(0, num_waiting - len(preempted))]
     queue = preempted + sorted(queued + fresh, key=lambda h: h.queued_at)
     waiting_ids = {id(h) for h in queue}
-    queued_snaps = tuple(request_snapshot(h, True) for h in queue)  # listed in queue order
-    reqs = queued_snaps + tuple(request_snapshot(h, False) for h in handles if id(h) not in waiting_ids)
+    facts = inst.info.get("engine_facts")
+    queued_snaps = tuple(request_snapshot(h, True, facts) for h in queue)  # listed in queue order
+    reqs = queued_snaps + tuple(request_snapshot(h, False, facts) for h in handles if id(h) not in waiting_ids)
     demand = sum(r.blocks(bs) for r in queued_snaps)
     head = queued_snaps[0] if queued_snaps else None
     num_blocks = int(load.get("num_blocks", 0))

@@ -1,13 +1,19 @@
 """Prometheus metrics of a llumigrate deployment, on a registry of their own
-(not prometheus_client's global one, so several can coexist in one process).
+(so several can coexist in one process), served on vLLM's `/metrics` beside
+vLLM's own serving metrics (`expose`).
 
 Every name starts with `llumigrate_`. The controller feeds instance figures,
-dispatches and migrations; the HTTP frontend feeds per-request figures.
+dispatches, migrations and refusals; vLLM's metrics (requests, tokens, TTFT,
+TPOT, queue and KV figures, per engine) come from vLLM's frontend.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from collections.abc import Iterator
+
+from prometheus_client import (CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram,
+                               generate_latest)
+from prometheus_client.metrics_core import Metric
 
 INSTANCE_FIGURES = {
     "free_blocks": "Free KV-cache blocks.",
@@ -49,15 +55,10 @@ class Metrics:
                                   "How late the serving process's event loop woke the scheduler's round "
                                   "(a busy or CPU-starved loop delays every stream and dispatch).",
                                   buckets=_SECONDS, registry=r)
-        self.requests = Counter("llumigrate_requests", "Finished HTTP requests by finish reason.",
-                                ["finish_reason"], registry=r)
-        self.prompt_tokens = Counter("llumigrate_prompt_tokens", "Prompt tokens of finished requests.", registry=r)
-        self.generation_tokens = Counter("llumigrate_generation_tokens", "Output tokens of finished requests.",
-                                         registry=r)
-        self.ttft = Histogram("llumigrate_request_ttft_seconds", "Time to first token, from arrival.",
-                              buckets=_REQUEST_SECONDS, registry=r)
-        self.e2e = Histogram("llumigrate_request_e2e_seconds", "Arrival to last token.",
-                             buckets=_REQUEST_SECONDS, registry=r)
+        self.refusals = Counter("llumigrate_migration_refusals",
+                                "Migrations refused before they started (the request kept running where "
+                                "it was), by reason.", ["reason"], registry=r)
+        self._bridge: _Bridge | None = None
 
     # -- fed by the controller ---------------------------------------------------------
     def set_instance(self, instance_id: str, **figures: float) -> None:
@@ -94,16 +95,34 @@ class Metrics:
     def observe_loop_lag(self, seconds: float) -> None:
         self.loop_lag.observe(max(0.0, seconds))
 
-    # -- fed by the frontend -----------------------------------------------------------
-    def observe_request(self, finish_reason: str, ttft_s: float | None, e2e_s: float,
-                        num_prompt_tokens: int, num_output_tokens: int) -> None:
-        self.requests.labels(finish_reason).inc()
-        self.prompt_tokens.inc(num_prompt_tokens)
-        self.generation_tokens.inc(num_output_tokens)
-        if ttft_s is not None:
-            self.ttft.observe(ttft_s)
-        self.e2e.observe(e2e_s)
+    def observe_refusal(self, reason: str) -> None:
+        self.refusals.labels(reason).inc()
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def expose(self) -> None:
+        """Serve these metrics on vLLM's `/metrics` too (prometheus_client's
+        global registry, which vLLM's route renders)."""
+        if self._bridge is None:
+            self._bridge = _Bridge(self.registry)
+            REGISTRY.register(self._bridge)
+
+    def unexpose(self) -> None:
+        if self._bridge is not None:
+            REGISTRY.unregister(self._bridge)
+            self._bridge = None
+
+
+class _Bridge:
+    """A collector that yields another registry's metrics."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.registry.collect())
+
+    def describe(self) -> list[Metric]:
+        return []
