@@ -14,7 +14,7 @@ from llumigrate.scheduler import DISPATCH_POLICIES, make_dispatcher
 from llumigrate.scheduler.dispatch import rotate_after
 from llumigrate.scheduler.load import freeness, time_to_free
 
-HIGH = 5
+HIGH = -5   # a vLLM priority: lower is more important (0 is vLLM's default)
 
 
 # -- freeness ---------------------------------------------------------------------------
@@ -56,8 +56,10 @@ def test_headroom_is_reserved_only_against_normal_requests_where_high_ones_run()
     cfg = make_config(high_priority_threshold=HIGH, high_priority_headroom_blocks=20)
     hosting = make_instance("i0", make_request("vip", priority=HIGH), free=50)
     assert freeness(hosting, cfg) == 30 and freeness(hosting, cfg, 0) == 30
-    assert freeness(hosting, cfg, HIGH) == 50
+    assert freeness(hosting, cfg, HIGH) == 50 and freeness(hosting, cfg, HIGH - 1) == 50
+    assert freeness(hosting, cfg, 3) == 30   # a larger value is less important, not more
     assert freeness(make_instance("i1", make_request("a"), free=50), cfg) == 50
+    assert freeness(make_instance("i2", make_request("bg", priority=3), free=50), cfg) == 50
 
 
 # -- config -------------------------------------------------------------------------------
@@ -68,11 +70,22 @@ def test_headroom_is_reserved_only_against_normal_requests_where_high_ones_run()
     ({"max_migrations_in": -1}, ["max_migrations_in", ">= 0"]),
     ({"cooldown_s": 30.0, "no_return_s": 10.0}, ["no_return_s", "cooldown_s"]),
     ({"stale_report_s": 0}, ["stale_report_s"]),
+    ({"high_priority_threshold": 1.5}, ["high_priority_threshold", "int", "lower"]),
+    ({"high_priority_threshold": True}, ["high_priority_threshold", "int"]),
 ])
 def test_config_errors_say_what_is_allowed(kw, words):
     with pytest.raises(ConfigError) as e:
         make_config(**kw)
     assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_high_priority_is_at_or_below_the_threshold_as_in_vllm():
+    """vLLM serves lower priority values first; its default 0 is normal here."""
+    cfg = make_config()
+    assert cfg.high_priority_threshold == -1
+    assert [cfg.is_high(p) for p in (-10, -1, 0, 1, 10)] == [True, True, False, False, False]
+    assert make_config(high_priority_threshold=0).is_high(0)
+    assert not make_config(high_priority_threshold=-3).is_high(-2)
 
 
 def test_config_accepts_any_iterable_of_policies():
@@ -98,7 +111,9 @@ def test_high_priority_headroom_is_respected_by_dispatch():
     snap = make_cluster(make_instance("i0", make_request("vip", priority=HIGH), free=40),  # 20 for normal
                         make_instance("i1", make_request("a"), free=30))
     assert make_dispatcher(cfg).choose(snap, priority=0) == "i1"
+    assert make_dispatcher(cfg).choose(snap, priority=3) == "i1"
     assert make_dispatcher(cfg).choose(snap, priority=HIGH) == "i0"
+    assert make_dispatcher(cfg).choose(snap, priority=HIGH - 10) == "i0"
 
 
 def test_round_robin_ignores_load_and_cycles():

@@ -86,7 +86,7 @@ def random_cluster(rng: random.Random):
     instances = []
     for k in range(rng.randint(1, 5)):
         reqs = [make_request(f"i{k}r{n}", prompt=rng.randint(1, 600), output=rng.randint(0, 200),
-                             priority=rng.choice([0, 0, 0, 1, 2]),
+                             priority=rng.choice([0, 0, 3, -1, -2]),
                              max_tokens=rng.choice([None, 210, 400]), migrating=rng.random() < 0.1,
                              migratable=rng.random() < 0.9)
                 for n in range(rng.randint(0, 12))]
@@ -125,6 +125,9 @@ def check_invariants(snap, cfg: SchedulerConfig, hist: MigrationHistory, plans) 
             assert not src.draining
         if p.reason == "priority":
             assert not cfg.is_high(req.priority)
+    for iid in outs:  # drain: the most important (lowest vLLM priority value) first
+        drained = [snap.request(p.request_id).priority for p in plans if p.source == iid and p.reason == "drain"]
+        assert drained == sorted(drained), drained
     for iid, n in outs.items():
         assert snap[iid].migrations_out + n <= cfg.max_migrations_out
     for iid, n in ins.items():
@@ -136,7 +139,7 @@ def test_plan_invariants_hold_on_random_clusters(seed):
     rng = random.Random(seed)
     snap = random_cluster(rng)
     cfg = make_config(max_migrations_out=rng.randint(1, 3), max_migrations_in=rng.randint(1, 3),
-                      high_priority_threshold=2, high_priority_headroom_blocks=rng.choice([0, 8]))
+                      high_priority_threshold=-2, high_priority_headroom_blocks=rng.choice([0, 8]))
     hist = random_history(rng, snap)
     plans = plan_migrations(snap, cfg, hist)
     check_invariants(snap, cfg, hist, plans)
@@ -149,6 +152,6 @@ def test_random_clusters_do_plan_migrations():
     for seed in range(300):
         rng = random.Random(seed)
         snap = random_cluster(rng)
-        cfg = make_config(max_migrations_out=3, max_migrations_in=3, high_priority_threshold=2)
+        cfg = make_config(max_migrations_out=3, max_migrations_in=3, high_priority_threshold=-2)
         reasons.update(p.reason for p in plan_migrations(snap, cfg, random_history(rng, snap)))
     assert set(reasons) == {"balance", "defrag", "priority", "drain"}, reasons

@@ -13,7 +13,7 @@ from llumigrate.scheduler import MigrationCostModel, MigrationHistory, apply_pla
 from llumigrate.scheduler.plan import PlanContext
 from llumigrate.scheduler.policies import balance, defrag, drain, make_headroom
 
-HIGH = 5
+HIGH = -5   # a vLLM priority: lower is more important (0 is vLLM's default)
 WIDE = {"max_migrations_out": 4, "max_migrations_in": 4}
 
 
@@ -73,6 +73,16 @@ def test_balance_moves_low_priority_before_high():
     reqs = [make_request(f"n{k}", prompt=128, output=5 + k) for k in range(9)]
     snap = make_cluster(make_instance("i0", vip, *reqs, waiting_blocks=4), make_instance("i1"))
     assert moves(balance(snap, ctx(high_priority_threshold=HIGH)))[0][0] == "n0"
+
+
+def test_balance_moves_the_largest_priority_value_first():
+    """vLLM serves lower priority values first: a request sent with priority
+    3 is less important than one at the default 0, and moves first though it
+    costs more."""
+    bg = make_request("bg", prompt=128, output=14, priority=3)
+    reqs = [make_request(f"n{k}", prompt=128, output=5 + k) for k in range(9)]
+    snap = make_cluster(make_instance("i0", bg, *reqs, waiting_blocks=4), make_instance("i1"))
+    assert moves(balance(snap, ctx()))[0][0] == "bg"
 
 
 def test_no_ping_pong_after_a_migration():
@@ -399,6 +409,29 @@ def test_priority_never_moves_high_priority_requests():
     assert make_headroom(snap, hp_ctx(**WIDE)) == []
 
 
+def test_priority_follows_vllm_lower_is_more_important():
+    """At the default threshold (-1) a request of priority -5 is high and one
+    of 3 is normal: the 3 moves to make the -5 its headroom, never the -5.
+    (Read the other way round, the -5 would be the one to move.)"""
+    vip = make_request("vip", prompt=4 * 16, output=0, priority=-5)      # 4 blocks
+    bg = make_request("bg", prompt=12 * 16, output=0, priority=3)        # 12 blocks
+    snap = make_cluster(make_instance("i0", vip, bg, num_blocks=20), make_instance("i1"))  # 4 free
+    cfg = ctx(high_priority_headroom_blocks=10, **WIDE).cfg
+    assert cfg.is_high(-5) and not cfg.is_high(3) and not cfg.is_high(0)
+    plans = make_headroom(snap, ctx(high_priority_headroom_blocks=10, **WIDE))
+    assert moves(plans) == [("bg", "i0", "i1")]
+
+
+def test_priority_moves_the_least_important_normal_request_first():
+    """Among normal requests, the largest priority value moves first, before
+    the cheaper or lower-id ones at vLLM's default 0."""
+    vip = make_request("vip", prompt=16, output=0, priority=HIGH)
+    a0 = make_request("a0", prompt=10 * 16, output=0)                    # default priority 0
+    z3 = make_request("z3", prompt=10 * 16, output=5, priority=3)        # as large, slightly dearer
+    snap = make_cluster(make_instance("i0", vip, a0, z3, num_blocks=40, free=14), make_instance("i1"))
+    assert moves(make_headroom(snap, hp_ctx(**WIDE))) == [("z3", "i0", "i1")]
+
+
 def test_priority_does_not_push_normal_requests_into_another_headroom():
     vip = make_request("vip", prompt=16, output=0, priority=HIGH)
     n = make_request("n", prompt=4 * 16, output=0)
@@ -415,6 +448,15 @@ def test_drain_moves_everything_spread_high_priority_first():
     assert plans[0].request_id == "vip" and {p.reason for p in plans} == {"drain"}
     assert sorted(p.request_id for p in plans) == ["n0", "n1", "n2", "vip"]
     assert sorted(p.destination for p in plans) == ["i1", "i1", "i2", "i2"]
+
+
+def test_drain_moves_the_lowest_priority_value_first():
+    """Drain moves the most important first: vLLM's lowest priority value."""
+    reqs = [make_request("a", priority=3), make_request("b"), make_request("c", priority=-5)]
+    snap = make_cluster(make_instance("i0", *reqs, draining=True), make_instance("i1"))
+    plans = drain(snap, ctx(max_migrations_out=4, max_migrations_in=4))
+    assert [p.request_id for p in plans] == ["c", "b", "a"]
+    assert [p.priority for p in plans] == [-5, 0, 3]
 
 
 def test_drain_ignores_thresholds_and_cooldown_but_not_limits_or_room():

@@ -9,6 +9,7 @@ import pytest
 
 from llumigrate.errors import ConfigError
 from llumigrate.migration.faults import FaultContext, FaultPoint
+from llumigrate.scheduler import SchedulerConfig
 from llumigrate.stress.collect import plant_duplicate
 from llumigrate.stress.config import FAULT_KINDS, StressConfig
 from llumigrate.stress.faults import APPLICABLE, KILLS, FaultInjector, FaultSchedule
@@ -42,6 +43,8 @@ def test_workload_is_seeded_and_mixed():
     assert make_workload(3, 50) == a[:50]
     assert {s.kind for s in a} == {"greedy", "seeded", "random"}
     assert {s.streaming for s in a} == {True, False} and len({s.priority for s in a}) > 1
+    # vLLM's priorities: both normal (the default 0) and high at the scheduler's default threshold
+    assert {SchedulerConfig().is_high(s.priority) for s in a} == {True, False}
     assert all(len(s.prompt) <= MAX_SEEDED_PROMPT for s in a if s.kind == "seeded")
     assert min(len(s.prompt) for s in a) < 200 < max(len(s.prompt) for s in a)
     assert all(("seed" in s.sampling) == (s.kind == "seeded") for s in a)

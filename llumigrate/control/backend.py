@@ -53,7 +53,8 @@ class InstanceView:
 
 @dataclass(frozen=True)
 class RequestView:
-    """One request; `state` is one of REQUEST_STATES."""
+    """One request; `state` is one of REQUEST_STATES; `priority` is its vLLM
+    priority (lower values are served first; 0 is the default)."""
 
     id: str
     instance_id: str

@@ -37,8 +37,11 @@ class SchedulerConfig:
     migration_policies: frozenset[str] = field(default_factory=_all_policies)
     migrate_out_threshold: float = 1.0
     migrate_in_threshold: float = 4.0
-    # Requests with priority >= this are high priority (larger = more important).
-    high_priority_threshold: int = 1
+    # Requests with priority <= this are high priority. Priority means what it
+    # means in vLLM: lower values are served first, 0 is the default. At -1,
+    # only requests sent with a negative priority are high and those at vLLM's
+    # default are normal; at 0 or more, requests at the default are high too.
+    high_priority_threshold: int = -1
     # Blocks kept free for its high-priority requests on an instance that runs
     # any: normal requests are neither dispatched into it nor left in it.
     high_priority_headroom_blocks: int = 16
@@ -85,6 +88,10 @@ class SchedulerConfig:
                      "balance_min_relief_blocks", "end_margin"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if isinstance(self.high_priority_threshold, bool) or not isinstance(self.high_priority_threshold, int):
+            raise ConfigError("high_priority_threshold must be an int (a vLLM priority: lower is served "
+                              f"first; requests at or below it are high priority), "
+                              f"got {self.high_priority_threshold!r}")
         if self.no_return_s < self.cooldown_s:
             raise ConfigError(f"no_return_s must be >= cooldown_s ({self.cooldown_s}), "
                               f"got {self.no_return_s}")
@@ -96,5 +103,7 @@ class SchedulerConfig:
         return policy in self.migration_policies
 
     def is_high(self, priority: int) -> bool:
-        """Whether a request of that priority gets high-priority treatment."""
-        return priority >= self.high_priority_threshold
+        """Whether a request of that (vLLM) priority gets high-priority
+        treatment: `priority <= high_priority_threshold`, lower values being
+        more important, as in vLLM's priority scheduling."""
+        return priority <= self.high_priority_threshold

@@ -30,7 +30,10 @@ class Dispatcher(Protocol):
     `choose` must return the id of an instance of `snapshot` that accepts
     work, or raise `NoInstanceAvailable`; it never returns a down, draining
     or stale instance. The shell applies each choice to its snapshot
-    (`ClusterSnapshot.with_dispatch`) before the next call.
+    (`ClusterSnapshot.with_dispatch`) before the next call. `priority` is
+    the request's vLLM priority (lower is more important; 0 is vLLM's
+    default): a high-priority one may use the headroom kept for such
+    requests (`load.freeness`).
     """
 
     def choose(self, snapshot: ClusterSnapshot, priority: int = 0) -> str: ...

@@ -11,9 +11,10 @@
 Free KV blocks minus what the queue already claims, shared among the running
 requests: higher is freer; negative means the instance is overloaded (its queue
 cannot start). The headroom protects an instance's high-priority requests
-(running or queued) from normal ones: dispatch sends normal requests
-elsewhere and the priority policy moves them out, while a high-priority
-request may use it.
+(running or queued; `SchedulerConfig.is_high`: a vLLM priority at or below
+`high_priority_threshold`, lower values being more important) from normal
+ones: dispatch sends normal requests elsewhere and the priority policy moves
+them out, while a high-priority request may use it.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ class MigrationPlan:
     source: str
     destination: str
     reason: Reason
-    priority: int = 0
+    priority: int = 0        # the request's vLLM priority (lower is more important)
     num_tokens: int = 0
     est_cost_s: float = 0.0
     waiting: bool = False    # a queued (or preempted) request re-dispatched: no KV to move

@@ -26,6 +26,8 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
 class RequestSnapshot:
     """One in-flight request as the controller knows it.
 
+    `priority`: vLLM's, unchanged: lower values are served first (more
+    important); 0 is vLLM's default.
     `migrating`: a migration of it is in flight (it is still listed on its
     source). `migratable`: the controller would accept `Cluster.migrate` for
     it now (prefill done, no sampling feature that cannot be carried).

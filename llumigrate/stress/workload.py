@@ -1,7 +1,9 @@
 """The seeded request mix of a stress run.
 
 Greedy, seeded and unseeded-random sampling; short and long prompts; short
-and long outputs; streaming and non-streaming clients; several priorities.
+and long outputs; streaming and non-streaming clients; several priorities
+(vLLM's: lower is more important; 0, the default, is normal and -1, -2 are
+high priority at the scheduler's default threshold).
 Greedy and seeded requests are deterministic, so their outputs must equal a
 run without migration; unseeded ones are only checked for a whole stream.
 """
@@ -55,7 +57,7 @@ def make_request(rng: random.Random, index: int) -> RequestSpec:
         sampling.update(temperature=0.8, top_p=0.95)
         if kind == "seeded":
             sampling["seed"] = rng.randrange(1 << 30)
-    return RequestSpec(index, kind, prompt, sampling, rng.choice((0, 1, 2)), rng.random() < 0.5)
+    return RequestSpec(index, kind, prompt, sampling, rng.choice((0, -1, -2)), rng.random() < 0.5)
 
 
 def make_workload(seed: int, num_requests: int) -> list[RequestSpec]:

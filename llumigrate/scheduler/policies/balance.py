@@ -3,18 +3,20 @@
 Sources have freeness below `migrate_out_threshold`, destinations above
 `migrate_in_threshold` (normal-priority freeness, so headroom counts). The
 most loaded source is paired with the freest destination, the next with the
-next, up to `max_balance_pairs`. Within a pair, requests move (low priority
-first, on measured cost: `common.pick`) until the source is no longer below
-`migrate_out_threshold` or the concurrency limits are reached. A move is only made if, afterwards, the destination
-is still at least as free as the source and is not itself a source (a move
-never inverts the imbalance, so it never calls for a move back), and the
-move pays for itself: it relieves at least `balance_min_relief_blocks` (1)
-more growth shortfall at the source than it adds at the destination
-(`load.growth_relief`), i.e. it saves vLLM preempting within the horizon. A
-source whose spare blocks cover the growth of all it holds is left alone
-however low its freeness: a move would cost a copy (and the request's blocks
-held on both ends while it runs) and save nothing. With the knob at 0,
-balance also evens out freeness alone, as long as no move adds shortfall.
+next, up to `max_balance_pairs`. Within a pair, requests move (the least
+important first, i.e. the largest vLLM priority value, on measured cost:
+`common.pick`) until the source is no longer below `migrate_out_threshold`
+or the concurrency limits are reached. A move is only made if, afterwards,
+the destination is still at least as free as the source and is not itself a
+source (a move never inverts the imbalance, so it never calls for a move
+back), and the move pays for itself: it relieves at least
+`balance_min_relief_blocks` (1) more growth shortfall at the source than it
+adds at the destination (`load.growth_relief`), i.e. it saves vLLM
+preempting within the horizon. A source whose spare blocks cover the growth
+of all it holds is left alone however low its freeness: a move would cost a
+copy (and the request's blocks held on both ends while it runs) and save
+nothing. With the knob at 0, balance also evens out freeness alone, as long
+as no move adds shortfall.
 """
 
 from __future__ import annotations

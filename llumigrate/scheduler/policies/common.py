@@ -16,9 +16,10 @@ DestinationCheck = Callable[[InstanceSnapshot], bool]
 
 
 def cheapest_first(req: RequestSnapshot, ctx: PlanContext) -> tuple:
-    """Order of the requests to move: low priority before high, then the
+    """Order of the requests to move: the least important first (the
+    largest vLLM priority value: vLLM serves lower values first), then the
     lowest measured cost, then the shortest context, then the id."""
-    return (req.priority, ctx.cost.cost(req), req.num_tokens, req.request_id)
+    return (-req.priority, ctx.cost.cost(req), req.num_tokens, req.request_id)
 
 
 def candidates(inst: InstanceSnapshot, ctx: PlanContext, now: float, reason: Reason,
@@ -63,7 +64,8 @@ def keeps_room(snapshot: ClusterSnapshot, ctx: PlanContext, req: RequestSnapshot
 def pick(options: list[tuple[RequestSnapshot, str]], ctx: PlanContext,
          enough: Callable[[list[RequestSnapshot]], bool]) -> tuple[RequestSnapshot, str]:
     """The next move among (request, destination) options in `cheapest_first`
-    order, on measured cost. Only the lowest priority present is considered.
+    order, on measured cost. Only the least important present (the largest
+    priority value) is considered.
     `enough(reqs)` says whether moving all of `reqs` fixes the problem. The
     cheapest single request that is enough alone wins if it costs no more than
     the cheapest-first run that is enough (with a high fixed cost per

@@ -12,9 +12,10 @@ of what is listed there, see `load.growth_blocks`), the head itself moves
 there: it holds no KV (not started, or preempted), so this costs a
 re-dispatch, not a copy. Without the growth room the move only trades this
 queue for preemptions there. Otherwise running requests move off its
-instance (low priority first, on measured cost: `common.pick`) to instances
-that keep room for their own queue and headroom (`common.keeps_room`, which
-also weighs growth room), until B blocks are free there; nothing is planned
+instance (the least important first, i.e. the largest vLLM priority value,
+on measured cost: `common.pick`) to instances that keep room for their own
+queue and headroom (`common.keeps_room`, which also weighs growth room),
+until B blocks are free there; nothing is planned
 when the moves could not free enough, nor when they would take longer
 (the cost model's estimates, one after another) than the instance takes to
 free the room itself as its requests finish (`load.time_to_free`, at their

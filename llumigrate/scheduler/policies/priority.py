@@ -1,12 +1,14 @@
 """Priority: keep the headroom of instances that run high-priority requests.
 
 An instance running or queueing a request whose priority is high
-(`SchedulerConfig.is_high`) should have `high_priority_headroom_blocks` free
-beyond what its queue needs, so its high-priority requests grow without being
-preempted. When it has less, its normal-priority requests move away (lowest
-priority first, cheapest first) to instances that keep room for their own
-queue and headroom (`common.keeps_room`, which also weighs growth room).
-High-priority requests are never moved by this policy.
+(`SchedulerConfig.is_high`: a vLLM priority at or below
+`high_priority_threshold`, lower values being more important) should have
+`high_priority_headroom_blocks` free beyond what its queue needs, so its
+high-priority requests grow without being preempted. When it has less, its
+normal-priority requests move away (the least important first, i.e. the
+largest priority value, then the cheapest: `common.pick`) to instances that
+keep room for their own queue and headroom (`common.keeps_room`, which also
+weighs growth room). High-priority requests are never moved by this policy.
 """
 
 from __future__ import annotations
