@@ -102,9 +102,7 @@ def test_what_a_restore_carries_is_not_refused(name):
 
 @pytest.mark.parametrize("kw,engine,embeds,match", [
     ({"n": 2}, {}, False, "n > 1"),
-    ({"prompt_logprobs": 1}, {}, False, "prompt_logprobs"),
     ({"skip_reading_prefix_cache": True}, {}, False, "skip_reading_prefix_cache"),
-    ({"stop": ["fox"]}, {}, False, "stop strings"),
     ({"thinking_token_budget": 10}, {}, False, "thinking_token_budget"),
     ({"structured_outputs": {"regex": "a+"}}, {"reasoning_parser": True}, False, "reasoning parser"),
     ({}, {"model_runner_v2": True}, False, "Model Runner V2"),
@@ -118,6 +116,29 @@ def test_what_a_restore_cannot_carry_is_refused_with_the_reason(kw, engine, embe
     for sp in (kw, _params(kw)):
         reason = migration_refusal(sp, engine=facts, prompt_embeds=embeds)
         assert reason is not None and match in reason
+
+
+def test_stop_strings_and_prompt_logprobs_are_the_frontends_and_move():
+    """vLLM's frontend, whose one stream spans every hop, applies stop strings
+    and returns prompt logprobs (from the first hop; a restored hop computes
+    none: `vllm_api.retagged`)."""
+    from llumigrate.engine.refusal import migration_refusal
+    for kw in ({"stop": ["fox"]}, {"prompt_logprobs": 1}):
+        assert migration_refusal(kw) is None and migration_refusal(_params(kw)) is None
+
+
+def test_a_restored_hop_computes_no_prompt_logprobs_and_reads_the_prefix_cache():
+    from factories import make_core
+
+    from llumigrate.engine.vllm_api import retagged
+    core = make_core("r", [1, 2, 3], {"prompt_logprobs": 2, "max_tokens": 4})
+    assert core.sampling_params.skip_reading_prefix_cache
+    first = retagged(core, "r", {"llumigrate": {"key": "r"}})
+    later = retagged(core, "r#1", {"llumigrate": {"key": "r#1"}}, continued=True)
+    assert first.sampling_params.prompt_logprobs == 2 and first.sampling_params.skip_reading_prefix_cache
+    assert later.sampling_params.prompt_logprobs is None and not later.sampling_params.skip_reading_prefix_cache
+    assert core.sampling_params.prompt_logprobs == 2            # the request itself is unchanged
+    assert later.sampling_params.extra_args["kv_transfer_params"] == {"llumigrate": {"key": "r#1"}}
 
 
 def test_structured_output_may_follow_a_reasoning_parser_that_constrains_reasoning_too():

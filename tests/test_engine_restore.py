@@ -256,9 +256,9 @@ def test_a_grammar_that_refuses_the_restored_tokens_fails_the_request(engine, pr
     assert engine.run(prompt, sp).finish_reason == "stop"  # the engine serves on
 
 
-@pytest.mark.parametrize("why", ["stop_strings", "too_long"])
+@pytest.mark.parametrize("why", ["skip_prefix_cache", "too_long"])
 def test_what_cannot_be_restored_fails_the_request(engine, prompt, why):
-    sp = _sp(stop=["fox"]) if why == "stop_strings" else _sp(max_tokens=5)
+    sp = _sp(skip_reading_prefix_cache=True) if why == "skip_prefix_cache" else _sp(max_tokens=5)
     got = engine.run(prompt, sp, out=[5, 6, 7, 8, 9])
     assert got.finish_reason == "error" and got.tokens == []
 

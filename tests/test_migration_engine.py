@@ -219,6 +219,45 @@ def test_output_dependent_sampling_is_exact_across_migrations(loop, cluster, bas
     _assert_clean(loop, cluster, baseline)
 
 
+# Long structured outputs (an engine step is tens of ms here): room to move them early,
+# midway and late in their generation.
+LONG_SCHEMA = {"type": "object", "properties": {
+    "xs": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9},
+           "minItems": 60, "maxItems": 60},
+    "tag": {"enum": ["alpha", "beta"]}}, "required": ["xs", "tag"], "additionalProperties": False}
+LONG_REGEX = r"([a-z]{4} ){40}[0-9]{6}\."
+
+
+def _satisfies(kind: str, text: str) -> bool:
+    import json
+    import re
+    if kind == "regex":
+        return re.fullmatch(LONG_REGEX, text) is not None
+    d = json.loads(text)
+    return set(d) == {"xs", "tag"} and len(d["xs"]) == 60 and all(0 <= x <= 9 for x in d["xs"])
+
+
+@pytest.mark.parametrize("kind", ["json", "regex"])
+def test_structured_output_is_exact_when_moved_early_midway_and_late(loop, cluster, baseline, kind):
+    """The destination's grammar is advanced over the output already produced:
+    moved at several points of its generation, the output equals the run
+    without migration and satisfies its schema."""
+    from llumigrate.engine.vllm_api import StructuredOutputsParams
+    so = StructuredOutputsParams(**{kind: LONG_SCHEMA if kind == "json" else LONG_REGEX})
+    prompt, sp = prompt_of(60, 8), {"temperature": 0.0, "max_tokens": 600, "structured_outputs": so}
+    ref = loop.run(_reference_handle(cluster, prompt, sp))
+    n = len(ref.output_token_ids)
+    tok = cluster._inputs().processor.renderer.tokenizer
+    assert ref.finish_reason == "stop" and n >= 60, (ref.finish_reason, n)
+    assert _satisfies(kind, tok.decode(ref.output_token_ids, skip_special_tokens=True))
+    for at in (3, n // 2, (3 * n) // 4):
+        h, (r,) = loop.run(_migrated(cluster, prompt, sp, [(at, "i1")]))
+        assert r.committed, (at, r)
+        assert h.output_token_ids == ref.output_token_ids, at
+        assert h.finish_reason == "stop"
+    _assert_clean(loop, cluster, baseline)
+
+
 def test_unmigratable_requests_are_refused(loop, cluster):
     async def go():
         h = await cluster.submit(prompt_of(30), {**GREEDY, "max_tokens": 600}, instance="i0")

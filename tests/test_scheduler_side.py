@@ -241,12 +241,11 @@ def _assert_failing(req, match: str) -> None:
 @pytest.mark.parametrize("why,match", [
     ("too_long", "leave none of max_tokens"),
     ("model_len", "leave no room"),
-    ("stop_strings", "stop strings"),
-    ("prompt_logprobs", "prompt_logprobs"),
+    ("skip_prefix_cache", "skip_reading_prefix_cache"),
 ])
 def test_a_restore_that_cannot_be_exact_fails_the_request(why, match):
     kw: dict = {"too_long": {"max_tokens": 6}, "model_len": {"num_prompt": 994},
-                "stop_strings": {"stop": ["x"]}, "prompt_logprobs": {"prompt_logprobs": 1}}[why]
+                "skip_prefix_cache": {"skip_reading_prefix_cache": True}}[why]
     req = _vllm_request(out=(1, 2, 3, 4, 5, 6), **kw)
     s = SchedulerSide(4, {}, 1000)
     s.on_new_request(req)

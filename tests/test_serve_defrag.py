@@ -108,7 +108,7 @@ def test_preempted_request_is_redispatched_and_continues_exactly(loop, small_ser
         await ref.wait(120)
         return seen, a, b, moved, ref, a_running_when_b_ended
     seen, a, b, moved, ref, a_running_when_b_ended = loop.run(go())
-    assert any(f"{b.request_id}#0" in keys for keys in seen), f"B was never reported preempted: {seen}"
+    assert any(b.request_id in keys for keys in seen), f"B was never reported preempted: {seen}"
     assert [(m.source, m.destination, m.committed) for m in moved] == [("i0", "i1", True)], moved
     assert b.instance_id == "i1" and b.finish_reason == "length" and a_running_when_b_ended
     assert b.output_token_ids == ref.output_token_ids

@@ -104,29 +104,31 @@ def _free_port() -> int:
 
 
 def test_serve_with_an_engine_argument_vllm_refuses_says_so_and_exits_1(tmp_path):
-    """A real `llumigrate serve` whose agent refuses an engine argument:
-    exit status 1, vLLM's refusal on stderr with the agent's log named (in
-    `--run-dir`), no Python traceback; the addresses it had bound are free
-    again."""
+    """A real `llumigrate serve`: an argument `vllm serve` does not know is
+    refused at once by vLLM's own parser (exit status 2, nothing started);
+    one it knows but its engine refuses stops serve with exit status 1,
+    vLLM's refusal on stderr and the agent's log named (in `--run-dir`), no
+    Python traceback; the addresses it had bound are free again."""
     http, control = _free_port(), _free_port()
     proc = subprocess.run(
         [sys.executable, "-m", "llumigrate", "serve", "--num-instances", "1", "--port", str(http),
          "--control-address", f"127.0.0.1:{control}", "--run-dir", str(tmp_path), "--no-such-engine-flag"],
         capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "instance i0 did not start (exit status 2)" in proc.stderr
+    assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "unrecognized arguments: --no-such-engine-flag" in proc.stderr
-    assert "Traceback" not in proc.stdout + proc.stderr
-    assert f"their logs: {tmp_path}" in proc.stdout      # said before the engines start
-    assert proc.stderr.split("its log: ", 1)[1].split()[0] == str(tmp_path / "i0.log")
-    assert "--no-such-engine-flag" in (tmp_path / "i0.log").read_text()
-    # The same run dir again: the log keeps both runs, the error is this run's.
-    again = subprocess.run(
-        [sys.executable, "-m", "llumigrate", "serve", "--num-instances", "1", "--port", str(http),
-         "--control-address", f"127.0.0.1:{control}", "--run-dir", str(tmp_path), "--max-model-len", "999999"],
-        capture_output=True, text=True, timeout=300)
-    assert again.returncode == 1, again.stdout + again.stderr
-    assert "max_model_len (999999)" in again.stderr and "no-such-engine-flag" not in again.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr and not (tmp_path / "i0.log").exists()
+    for n in range(2):   # the same run dir twice: the log keeps both runs, the error is this run's
+        again = subprocess.run(
+            [sys.executable, "-m", "llumigrate", "serve", "--num-instances", "1", "--port", str(http),
+             "--control-address", f"127.0.0.1:{control}", "--run-dir", str(tmp_path),
+             "--max-model-len", str(999990 + n)],
+            capture_output=True, text=True, timeout=300)
+        assert again.returncode == 1, again.stdout + again.stderr
+        assert f"max_model_len ({999990 + n})" in again.stderr and f"({999990 + 1 - n})" not in again.stderr
+        assert "instance i0 did not start (exit status 1)" in again.stderr
+        assert "Traceback" not in again.stdout + again.stderr
+        assert f"their logs: {tmp_path}" in again.stdout      # said before the engines start
+        assert again.stderr.split("its log: ", 1)[1].split()[0] == str(tmp_path / "i0.log")
     for port in (http, control):
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))

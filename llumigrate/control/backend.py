@@ -63,6 +63,7 @@ class RequestView:
     num_output_tokens: int = 0
     state: str = "running"
     num_migrations: int = 0
+    migration_refusal: str = ""     # why it cannot be moved exactly ("" if it can be)
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from llumigrate.controller.instance import Instance, spawn_agent
 from llumigrate.controller.listener import ClusterListener
 from llumigrate.controller.hops import hop_request
 from llumigrate.controller.request import RequestHandle
-from llumigrate.engine.vllm_api import decode_outputs, finish_reason_name
+from llumigrate.engine.vllm_api import core_refusal, decode_outputs, finish_reason_name
 from llumigrate.controller.restart import CrashRecord, RestartPolicy
 from llumigrate.controller.utilities import EngineUtilities
 from llumigrate.errors import (ConfigError, InstanceLost, InstanceNotFound, InstanceStartFailed, MigrationRefused,
@@ -266,6 +266,9 @@ class Cluster(FailoverSteps, EngineUtilities):
                       config: MigrationConfig | None = None) -> MigrationResult:
         h = self.get_request(request_id)
         src = self._instance(h.instance_id)
+        inexact = None if h.finished or h.migrating else core_refusal(h.core, src.info.get("engine_facts"))
+        if inexact is not None:
+            self._notify("on_migration_refused", request_id, inexact)
         h.check_migratable(src.info.get("engine_facts"))
         dst = self._instance(destination) if destination else self._pick(exclude=src.instance_id)
         if dst is src:

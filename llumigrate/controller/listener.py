@@ -32,6 +32,10 @@ class ClusterListener:
     def on_migration_stage(self, request_id: str, source: str, destination: str, stage: str) -> None:
         """A migration entered a protocol step (reserve, precopy, stop, commit, release)."""
 
+    def on_migration_refused(self, request_id: str, reason: str) -> None:
+        """A migration of `request_id` was refused before it started: its state
+        cannot be carried exactly (`reason`, one fixed sentence per cause)."""
+
     def on_migration_done(self, result: MigrationResult) -> None:
         """A migration ended (committed or aborted)."""
 

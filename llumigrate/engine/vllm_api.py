@@ -25,7 +25,7 @@ check_vllm_version()  # before any other vLLM import: one clear message on anoth
 from vllm.engine.arg_utils import AsyncEngineArgs  # noqa: E402
 from vllm.lora.request import LoRARequest  # noqa: E402
 from vllm.pooling_params import PoolingParams  # noqa: E402
-from vllm.sampling_params import RequestOutputKind, SamplingParams  # noqa: E402
+from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams  # noqa: E402
 from vllm.usage.usage_lib import UsageContext  # noqa: E402
 from vllm.utils.argparse_utils import FlexibleArgumentParser  # noqa: E402
 from vllm.v1.engine import (  # noqa: E402
@@ -42,6 +42,7 @@ from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder  # noqa: E402
 __all__ = [
     "AsyncEngineArgs", "EngineCoreClient", "EngineCoreOutput", "EngineCoreOutputs", "EngineCoreRequest",
     "FinishReason", "LoRARequest", "PoolingParams", "RequestOutputKind", "SamplingParams",
+    "StructuredOutputsParams",
     "serve_arg_parser", "make_engine_core_client", "num_preempted", "encode", "decode_request",
     "decode_outputs", "decode_any", "frontend_config", "make_frontend_llm", "finish_reason_name",
     "finish_reason_from_name", "strip_end", "finished_output", "renamed_output", "keep_preemptions",

@@ -11,6 +11,7 @@ from llumigrate.control.backend import ControlBackend, HealthView, InstanceView,
 from llumigrate.control.events import EventBus
 from llumigrate.controller.coordinator import MigrationResult
 from llumigrate.controller.request import RequestHandle
+from llumigrate.engine.vllm_api import core_refusal
 from llumigrate.errors import InstanceLost, MigrationRefused, NoInstanceAvailable
 from llumigrate.scheduler import DISPATCH_POLICIES, MIGRATION_POLICIES, freeness
 from llumigrate.serve.scheduler import TUNABLE, GlobalScheduler
@@ -32,7 +33,8 @@ class ClusterControlBackend(ControlBackend):
                             include_finished: bool = False) -> list[RequestView]:
         if instance_id is not None:
             self.cluster.get_instance(instance_id)
-        return [_request_view(h) for h in self.cluster.requests.values()
+        facts = {iid: i.info.get("engine_facts") for iid, i in self.cluster.instances.items()}
+        return [_request_view(h, facts.get(h.instance_id)) for h in self.cluster.requests.values()
                 if (instance_id is None or h.instance_id == instance_id)
                 and (include_finished or not h.finished)]
 
@@ -142,8 +144,9 @@ class ClusterControlBackend(ControlBackend):
                             inst.migrations_out)
 
 
-def _request_view(h: RequestHandle) -> RequestView:
+def _request_view(h: RequestHandle, facts: dict | None = None) -> RequestView:
     state = ("finished" if h.finished else "migrating" if h.migrating
              else "running" if h.output_token_ids else "waiting")
+    refusal = "" if h.finished else core_refusal(h.core, facts) or ""
     return RequestView(h.request_id, h.instance_id, h.priority, len(h.prompt_token_ids),
-                       len(h.output_token_ids), state, h.num_migrations)
+                       len(h.output_token_ids), state, h.num_migrations, refusal)

@@ -56,6 +56,10 @@ class ServeObserver(ClusterListener):
         self.bus.emit(ev.MIGRATION_STAGE, request_id=request_id, instance_id=source,
                       destination_id=destination, stage=stage)
 
+    def on_migration_refused(self, request_id: str, reason: str) -> None:
+        self.reasons.pop(request_id, None)
+        self.metrics.observe_refusal(reason)
+
     def on_migration_done(self, result: MigrationResult) -> None:
         reason = self.reasons.pop(result.request_id, "manual")
         outcome = "committed" if result.committed else "aborted"

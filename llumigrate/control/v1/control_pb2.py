@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bllumigrate/v1/control.proto\x12\rllumigrate.v1\"\x0f\n\rHealthRequest\"\xcc\x01\n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x15\n\rnum_instances\x18\x02 \x01(\x05\x12\x18\n\x10num_instances_up\x18\x03 \x01(\x05\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x39\n\x06\x64\x65tail\x18\x05 \x03(\x0b\x32).llumigrate.v1.HealthResponse.DetailEntry\x1a-\n\x0b\x44\x65tailEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8d\x02\n\x08Instance\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\n\n\x02up\x18\x03 \x01(\x08\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\x12\x12\n\nnum_blocks\x18\x05 \x01(\x03\x12\x13\n\x0b\x66ree_blocks\x18\x06 \x01(\x03\x12\x12\n\nblock_size\x18\x07 \x01(\x05\x12\x13\n\x0bnum_running\x18\x08 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\t \x01(\x05\x12\x16\n\x0ekv_cache_usage\x18\n \x01(\x01\x12\x10\n\x08\x66reeness\x18\x0b \x01(\x01\x12\x19\n\x11num_migrations_in\x18\x0c \x01(\x05\x12\x1a\n\x12num_migrations_out\x18\r \x01(\x05\"\x16\n\x14ListInstancesRequest\"C\n\x15ListInstancesResponse\x12*\n\tinstances\x18\x01 \x03(\x0b\x32\x17.llumigrate.v1.Instance\")\n\x12GetInstanceRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"\x99\x01\n\x07Request\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x10\n\x08priority\x18\x03 \x01(\x05\x12\x19\n\x11num_prompt_tokens\x18\x04 \x01(\x03\x12\x19\n\x11num_output_tokens\x18\x05 \x01(\x03\x12\r\n\x05state\x18\x06 \x01(\t\x12\x16\n\x0enum_migrations\x18\x07 \x01(\x05\"Y\n\x13ListRequestsRequest\x12\x18\n\x0binstance_id\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x18\n\x10include_finished\x18\x02 \x01(\x08\x42\x0e\n\x0c_instance_id\"@\n\x14ListRequestsResponse\x12(\n\x08requests\x18\x01 \x03(\x0b\x32\x16.llumigrate.v1.Request\"N\n\x0eMigrateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x0b\x64\x65stination\x18\x02 \x01(\tH\x00\x88\x01\x01\x42\x0e\n\x0c_destination\"\xce\x03\n\x0fMigrateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x11\n\tcommitted\x18\x05 \x01(\x08\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x13\n\x0b\x61\x62ort_stage\x18\x07 \x01(\t\x12\x0e\n\x06stages\x18\x08 \x01(\x05\x12\x18\n\x10\x62locks_per_stage\x18\t \x03(\x03\x12\x1c\n\x14\x62locks_hit_at_commit\x18\n \x01(\x03\x12\x1f\n\x17\x62locks_loaded_at_commit\x18\x0b \x01(\x03\x12\x16\n\x0e\x63ontext_tokens\x18\x0c \x01(\x03\x12\x18\n\x0b\x64owntime_ms\x18\r \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x08total_ms\x18\x0e \x01(\x01\x12=\n\x08phase_ms\x18\x0f \x03(\x0b\x32+.llumigrate.v1.MigrateResponse.PhaseMsEntry\x12\x0f\n\x07history\x18\x10 \x03(\t\x1a.\n\x0cPhaseMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x0e\n\x0c_downtime_ms\"#\n\x0c\x44rainRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"%\n\x0eUndrainRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"\xd4\x01\n\x06Policy\x12\x10\n\x08\x64ispatch\x18\x01 \x01(\t\x12\x11\n\tmigration\x18\x02 \x03(\t\x12\x39\n\nthresholds\x18\x03 \x03(\x0b\x32%.llumigrate.v1.Policy.ThresholdsEntry\x12\x1a\n\x12\x61vailable_dispatch\x18\x04 \x03(\t\x12\x1b\n\x13\x61vailable_migration\x18\x05 \x03(\t\x1a\x31\n\x0fThresholdsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x12\n\x10GetPolicyRequest\"\x19\n\x08NameList\x12\r\n\x05names\x18\x01 \x03(\t\"\xda\x01\n\x10SetPolicyRequest\x12\x15\n\x08\x64ispatch\x18\x01 \x01(\tH\x00\x88\x01\x01\x12*\n\tmigration\x18\x02 \x01(\x0b\x32\x17.llumigrate.v1.NameList\x12\x43\n\nthresholds\x18\x03 \x03(\x0b\x32/.llumigrate.v1.SetPolicyRequest.ThresholdsEntry\x1a\x31\n\x0fThresholdsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x0b\n\t_dispatch\"J\n\x17RegisterInstanceRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\x05\"V\n\x19\x44\x65registerInstanceRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x16\n\ttimeout_s\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\x0c\n\n_timeout_s\"#\n\x12WatchEventsRequest\x12\r\n\x05kinds\x18\x01 \x03(\t\"\xe8\x01\n\x05\x45vent\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x11\n\ttimestamp\x18\x03 \x01(\x01\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x13\n\x0binstance_id\x18\x05 \x01(\t\x12\x16\n\x0e\x64\x65stination_id\x18\x06 \x01(\t\x12\x30\n\x06\x64\x65tail\x18\x07 \x03(\x0b\x32 .llumigrate.v1.Event.DetailEntry\x12\x0f\n\x07\x64ropped\x18\x08 \x01(\x04\x1a-\n\x0b\x44\x65tailEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\x9e\x07\n\x07\x43ontrol\x12\x45\n\x06Health\x12\x1c.llumigrate.v1.HealthRequest\x1a\x1d.llumigrate.v1.HealthResponse\x12Z\n\rListInstances\x12#.llumigrate.v1.ListInstancesRequest\x1a$.llumigrate.v1.ListInstancesResponse\x12I\n\x0bGetInstance\x12!.llumigrate.v1.GetInstanceRequest\x1a\x17.llumigrate.v1.Instance\x12W\n\x0cListRequests\x12\".llumigrate.v1.ListRequestsRequest\x1a#.llumigrate.v1.ListRequestsResponse\x12H\n\x07Migrate\x12\x1d.llumigrate.v1.MigrateRequest\x1a\x1e.llumigrate.v1.MigrateResponse\x12=\n\x05\x44rain\x12\x1b.llumigrate.v1.DrainRequest\x1a\x17.llumigrate.v1.Instance\x12\x41\n\x07Undrain\x12\x1d.llumigrate.v1.UndrainRequest\x1a\x17.llumigrate.v1.Instance\x12\x43\n\tGetPolicy\x12\x1f.llumigrate.v1.GetPolicyRequest\x1a\x15.llumigrate.v1.Policy\x12\x43\n\tSetPolicy\x12\x1f.llumigrate.v1.SetPolicyRequest\x1a\x15.llumigrate.v1.Policy\x12H\n\x0bWatchEvents\x12!.llumigrate.v1.WatchEventsRequest\x1a\x14.llumigrate.v1.Event0\x01\x12S\n\x10RegisterInstance\x12&.llumigrate.v1.RegisterInstanceRequest\x1a\x17.llumigrate.v1.Instance\x12W\n\x12\x44\x65registerInstance\x12(.llumigrate.v1.DeregisterInstanceRequest\x1a\x17.llumigrate.v1.Instanceb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bllumigrate/v1/control.proto\x12\rllumigrate.v1\"\x0f\n\rHealthRequest\"\xcc\x01\n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x15\n\rnum_instances\x18\x02 \x01(\x05\x12\x18\n\x10num_instances_up\x18\x03 \x01(\x05\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x39\n\x06\x64\x65tail\x18\x05 \x03(\x0b\x32).llumigrate.v1.HealthResponse.DetailEntry\x1a-\n\x0b\x44\x65tailEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8d\x02\n\x08Instance\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\n\n\x02up\x18\x03 \x01(\x08\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\x12\x12\n\nnum_blocks\x18\x05 \x01(\x03\x12\x13\n\x0b\x66ree_blocks\x18\x06 \x01(\x03\x12\x12\n\nblock_size\x18\x07 \x01(\x05\x12\x13\n\x0bnum_running\x18\x08 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\t \x01(\x05\x12\x16\n\x0ekv_cache_usage\x18\n \x01(\x01\x12\x10\n\x08\x66reeness\x18\x0b \x01(\x01\x12\x19\n\x11num_migrations_in\x18\x0c \x01(\x05\x12\x1a\n\x12num_migrations_out\x18\r \x01(\x05\"\x16\n\x14ListInstancesRequest\"C\n\x15ListInstancesResponse\x12*\n\tinstances\x18\x01 \x03(\x0b\x32\x17.llumigrate.v1.Instance\")\n\x12GetInstanceRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"\xb4\x01\n\x07Request\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x10\n\x08priority\x18\x03 \x01(\x05\x12\x19\n\x11num_prompt_tokens\x18\x04 \x01(\x03\x12\x19\n\x11num_output_tokens\x18\x05 \x01(\x03\x12\r\n\x05state\x18\x06 \x01(\t\x12\x16\n\x0enum_migrations\x18\x07 \x01(\x05\x12\x19\n\x11migration_refusal\x18\x08 \x01(\t\"Y\n\x13ListRequestsRequest\x12\x18\n\x0binstance_id\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x18\n\x10include_finished\x18\x02 \x01(\x08\x42\x0e\n\x0c_instance_id\"@\n\x14ListRequestsResponse\x12(\n\x08requests\x18\x01 \x03(\x0b\x32\x16.llumigrate.v1.Request\"N\n\x0eMigrateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x0b\x64\x65stination\x18\x02 \x01(\tH\x00\x88\x01\x01\x42\x0e\n\x0c_destination\"\xce\x03\n\x0fMigrateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x11\n\tcommitted\x18\x05 \x01(\x08\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x13\n\x0b\x61\x62ort_stage\x18\x07 \x01(\t\x12\x0e\n\x06stages\x18\x08 \x01(\x05\x12\x18\n\x10\x62locks_per_stage\x18\t \x03(\x03\x12\x1c\n\x14\x62locks_hit_at_commit\x18\n \x01(\x03\x12\x1f\n\x17\x62locks_loaded_at_commit\x18\x0b \x01(\x03\x12\x16\n\x0e\x63ontext_tokens\x18\x0c \x01(\x03\x12\x18\n\x0b\x64owntime_ms\x18\r \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x08total_ms\x18\x0e \x01(\x01\x12=\n\x08phase_ms\x18\x0f \x03(\x0b\x32+.llumigrate.v1.MigrateResponse.PhaseMsEntry\x12\x0f\n\x07history\x18\x10 \x03(\t\x1a.\n\x0cPhaseMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x0e\n\x0c_downtime_ms\"#\n\x0c\x44rainRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"%\n\x0eUndrainRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"\xd4\x01\n\x06Policy\x12\x10\n\x08\x64ispatch\x18\x01 \x01(\t\x12\x11\n\tmigration\x18\x02 \x03(\t\x12\x39\n\nthresholds\x18\x03 \x03(\x0b\x32%.llumigrate.v1.Policy.ThresholdsEntry\x12\x1a\n\x12\x61vailable_dispatch\x18\x04 \x03(\t\x12\x1b\n\x13\x61vailable_migration\x18\x05 \x03(\t\x1a\x31\n\x0fThresholdsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x12\n\x10GetPolicyRequest\"\x19\n\x08NameList\x12\r\n\x05names\x18\x01 \x03(\t\"\xda\x01\n\x10SetPolicyRequest\x12\x15\n\x08\x64ispatch\x18\x01 \x01(\tH\x00\x88\x01\x01\x12*\n\tmigration\x18\x02 \x01(\x0b\x32\x17.llumigrate.v1.NameList\x12\x43\n\nthresholds\x18\x03 \x03(\x0b\x32/.llumigrate.v1.SetPolicyRequest.ThresholdsEntry\x1a\x31\n\x0fThresholdsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x0b\n\t_dispatch\"J\n\x17RegisterInstanceRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\x05\"V\n\x19\x44\x65registerInstanceRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x16\n\ttimeout_s\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\x0c\n\n_timeout_s\"#\n\x12WatchEventsRequest\x12\r\n\x05kinds\x18\x01 \x03(\t\"\xe8\x01\n\x05\x45vent\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x11\n\ttimestamp\x18\x03 \x01(\x01\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x13\n\x0binstance_id\x18\x05 \x01(\t\x12\x16\n\x0e\x64\x65stination_id\x18\x06 \x01(\t\x12\x30\n\x06\x64\x65tail\x18\x07 \x03(\x0b\x32 .llumigrate.v1.Event.DetailEntry\x12\x0f\n\x07\x64ropped\x18\x08 \x01(\x04\x1a-\n\x0b\x44\x65tailEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\x9e\x07\n\x07\x43ontrol\x12\x45\n\x06Health\x12\x1c.llumigrate.v1.HealthRequest\x1a\x1d.llumigrate.v1.HealthResponse\x12Z\n\rListInstances\x12#.llumigrate.v1.ListInstancesRequest\x1a$.llumigrate.v1.ListInstancesResponse\x12I\n\x0bGetInstance\x12!.llumigrate.v1.GetInstanceRequest\x1a\x17.llumigrate.v1.Instance\x12W\n\x0cListRequests\x12\".llumigrate.v1.ListRequestsRequest\x1a#.llumigrate.v1.ListRequestsResponse\x12H\n\x07Migrate\x12\x1d.llumigrate.v1.MigrateRequest\x1a\x1e.llumigrate.v1.MigrateResponse\x12=\n\x05\x44rain\x12\x1b.llumigrate.v1.DrainRequest\x1a\x17.llumigrate.v1.Instance\x12\x41\n\x07Undrain\x12\x1d.llumigrate.v1.UndrainRequest\x1a\x17.llumigrate.v1.Instance\x12\x43\n\tGetPolicy\x12\x1f.llumigrate.v1.GetPolicyRequest\x1a\x15.llumigrate.v1.Policy\x12\x43\n\tSetPolicy\x12\x1f.llumigrate.v1.SetPolicyRequest\x1a\x15.llumigrate.v1.Policy\x12H\n\x0bWatchEvents\x12!.llumigrate.v1.WatchEventsRequest\x1a\x14.llumigrate.v1.Event0\x01\x12S\n\x10RegisterInstance\x12&.llumigrate.v1.RegisterInstanceRequest\x1a\x17.llumigrate.v1.Instance\x12W\n\x12\x44\x65registerInstance\x12(.llumigrate.v1.DeregisterInstanceRequest\x1a\x17.llumigrate.v1.Instanceb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -56,43 +56,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETINSTANCEREQUEST']._serialized_start=635
   _globals['_GETINSTANCEREQUEST']._serialized_end=676
   _globals['_REQUEST']._serialized_start=679
-  _globals['_REQUEST']._serialized_end=832
-  _globals['_LISTREQUESTSREQUEST']._serialized_start=834
-  _globals['_LISTREQUESTSREQUEST']._serialized_end=923
-  _globals['_LISTREQUESTSRESPONSE']._serialized_start=925
-  _globals['_LISTREQUESTSRESPONSE']._serialized_end=989
-  _globals['_MIGRATEREQUEST']._serialized_start=991
-  _globals['_MIGRATEREQUEST']._serialized_end=1069
-  _globals['_MIGRATERESPONSE']._serialized_start=1072
-  _globals['_MIGRATERESPONSE']._serialized_end=1534
-  _globals['_MIGRATERESPONSE_PHASEMSENTRY']._serialized_start=1472
-  _globals['_MIGRATERESPONSE_PHASEMSENTRY']._serialized_end=1518
-  _globals['_DRAINREQUEST']._serialized_start=1536
-  _globals['_DRAINREQUEST']._serialized_end=1571
-  _globals['_UNDRAINREQUEST']._serialized_start=1573
-  _globals['_UNDRAINREQUEST']._serialized_end=1610
-  _globals['_POLICY']._serialized_start=1613
-  _globals['_POLICY']._serialized_end=1825
-  _globals['_POLICY_THRESHOLDSENTRY']._serialized_start=1776
-  _globals['_POLICY_THRESHOLDSENTRY']._serialized_end=1825
-  _globals['_GETPOLICYREQUEST']._serialized_start=1827
-  _globals['_GETPOLICYREQUEST']._serialized_end=1845
-  _globals['_NAMELIST']._serialized_start=1847
-  _globals['_NAMELIST']._serialized_end=1872
-  _globals['_SETPOLICYREQUEST']._serialized_start=1875
-  _globals['_SETPOLICYREQUEST']._serialized_end=2093
-  _globals['_SETPOLICYREQUEST_THRESHOLDSENTRY']._serialized_start=1776
-  _globals['_SETPOLICYREQUEST_THRESHOLDSENTRY']._serialized_end=1825
-  _globals['_REGISTERINSTANCEREQUEST']._serialized_start=2095
-  _globals['_REGISTERINSTANCEREQUEST']._serialized_end=2169
-  _globals['_DEREGISTERINSTANCEREQUEST']._serialized_start=2171
-  _globals['_DEREGISTERINSTANCEREQUEST']._serialized_end=2257
-  _globals['_WATCHEVENTSREQUEST']._serialized_start=2259
-  _globals['_WATCHEVENTSREQUEST']._serialized_end=2294
-  _globals['_EVENT']._serialized_start=2297
-  _globals['_EVENT']._serialized_end=2529
+  _globals['_REQUEST']._serialized_end=859
+  _globals['_LISTREQUESTSREQUEST']._serialized_start=861
+  _globals['_LISTREQUESTSREQUEST']._serialized_end=950
+  _globals['_LISTREQUESTSRESPONSE']._serialized_start=952
+  _globals['_LISTREQUESTSRESPONSE']._serialized_end=1016
+  _globals['_MIGRATEREQUEST']._serialized_start=1018
+  _globals['_MIGRATEREQUEST']._serialized_end=1096
+  _globals['_MIGRATERESPONSE']._serialized_start=1099
+  _globals['_MIGRATERESPONSE']._serialized_end=1561
+  _globals['_MIGRATERESPONSE_PHASEMSENTRY']._serialized_start=1499
+  _globals['_MIGRATERESPONSE_PHASEMSENTRY']._serialized_end=1545
+  _globals['_DRAINREQUEST']._serialized_start=1563
+  _globals['_DRAINREQUEST']._serialized_end=1598
+  _globals['_UNDRAINREQUEST']._serialized_start=1600
+  _globals['_UNDRAINREQUEST']._serialized_end=1637
+  _globals['_POLICY']._serialized_start=1640
+  _globals['_POLICY']._serialized_end=1852
+  _globals['_POLICY_THRESHOLDSENTRY']._serialized_start=1803
+  _globals['_POLICY_THRESHOLDSENTRY']._serialized_end=1852
+  _globals['_GETPOLICYREQUEST']._serialized_start=1854
+  _globals['_GETPOLICYREQUEST']._serialized_end=1872
+  _globals['_NAMELIST']._serialized_start=1874
+  _globals['_NAMELIST']._serialized_end=1899
+  _globals['_SETPOLICYREQUEST']._serialized_start=1902
+  _globals['_SETPOLICYREQUEST']._serialized_end=2120
+  _globals['_SETPOLICYREQUEST_THRESHOLDSENTRY']._serialized_start=1803
+  _globals['_SETPOLICYREQUEST_THRESHOLDSENTRY']._serialized_end=1852
+  _globals['_REGISTERINSTANCEREQUEST']._serialized_start=2122
+  _globals['_REGISTERINSTANCEREQUEST']._serialized_end=2196
+  _globals['_DEREGISTERINSTANCEREQUEST']._serialized_start=2198
+  _globals['_DEREGISTERINSTANCEREQUEST']._serialized_end=2284
+  _globals['_WATCHEVENTSREQUEST']._serialized_start=2286
+  _globals['_WATCHEVENTSREQUEST']._serialized_end=2321
+  _globals['_EVENT']._serialized_start=2324
+  _globals['_EVENT']._serialized_end=2556
   _globals['_EVENT_DETAILENTRY']._serialized_start=223
   _globals['_EVENT_DETAILENTRY']._serialized_end=268
-  _globals['_CONTROL']._serialized_start=2532
-  _globals['_CONTROL']._serialized_end=3458
+  _globals['_CONTROL']._serialized_start=2559
+  _globals['_CONTROL']._serialized_end=3485
 # @@protoc_insertion_point(module_scope)

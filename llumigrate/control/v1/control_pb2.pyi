@@ -78,7 +78,7 @@ class GetInstanceRequest(_message.Message):
     def __init__(self, instance_id: _Optional[str] = ...) -> None: ...
 
 class Request(_message.Message):
-    __slots__ = ("id", "instance_id", "priority", "num_prompt_tokens", "num_output_tokens", "state", "num_migrations")
+    __slots__ = ("id", "instance_id", "priority", "num_prompt_tokens", "num_output_tokens", "state", "num_migrations", "migration_refusal")
     ID_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +86,7 @@ class Request(_message.Message):
     NUM_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     NUM_MIGRATIONS_FIELD_NUMBER: _ClassVar[int]
+    MIGRATION_REFUSAL_FIELD_NUMBER: _ClassVar[int]
     id: str
     instance_id: str
     priority: int
@@ -93,7 +94,8 @@ class Request(_message.Message):
     num_output_tokens: int
     state: str
     num_migrations: int
-    def __init__(self, id: _Optional[str] = ..., instance_id: _Optional[str] = ..., priority: _Optional[int] = ..., num_prompt_tokens: _Optional[int] = ..., num_output_tokens: _Optional[int] = ..., state: _Optional[str] = ..., num_migrations: _Optional[int] = ...) -> None: ...
+    migration_refusal: str
+    def __init__(self, id: _Optional[str] = ..., instance_id: _Optional[str] = ..., priority: _Optional[int] = ..., num_prompt_tokens: _Optional[int] = ..., num_output_tokens: _Optional[int] = ..., state: _Optional[str] = ..., num_migrations: _Optional[int] = ..., migration_refusal: _Optional[str] = ...) -> None: ...
 
 class ListRequestsRequest(_message.Message):
     __slots__ = ("instance_id", "include_finished")
