@@ -103,7 +103,7 @@ def llumigrate_cmd(model: str, port: int, control_port: int, num_instances: int,
     return [sys.executable, "-m", "llumigrate", "serve", model, "--num-instances", str(num_instances),
             "--port", str(port), "--control-address", f"127.0.0.1:{control_port}",
             "--served-model-name", SERVED_NAME, "--dispatch-policy", dispatch,
-            "--migration-policies", migration, "--log-level", "warning", *engine_args]
+            "--migration-policies", migration, "--log-level", "WARNING", *engine_args]
 
 
 def vllm_cmd(model: str, port: int, engine_args: list[str]) -> list[str]:

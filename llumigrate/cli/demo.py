@@ -70,7 +70,7 @@ class Demo:
         cmd = [sys.executable, "-m", "llumigrate", "serve", self.model, "--num-instances", "2",
                "--port", str(self.http), "--control-address", f"127.0.0.1:{self.ctl_port}",
                "--served-model-name", "tiny", "--migration-policies", "", "--scheduler-interval",
-               "0.2", "--log-level", "warning", *ENGINE_ARGS]
+               "0.2", "--log-level", "WARNING", *ENGINE_ARGS]
         print(f"[demo] $ llumigrate serve ... (log: {log})", flush=True)
         with open(log, "wb") as f:
             self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
