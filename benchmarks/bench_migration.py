@@ -63,7 +63,7 @@ async def _one(cluster: Cluster, ctx: int, mode: str, config: MigrationConfig, w
             "stall_ms": 1000 * (r.stall_s or 0),
             "total_ms": 1000 * r.total_s, "stages": r.stages, "blocks_per_stage": r.blocks_per_stage,
             "context_tokens": r.context_tokens, "phase_s": r.phase_s, "downtime_marks": r.downtime_marks,
-            "recovered_tokens": r.recovered_tokens, "stopped_by": r.stopped_by,
+            "stopped_by": r.stopped_by,
             "step_ms_before": 1000 * before if before else None,
             "step_ms_during_precopy": 1000 * during if during else None}
 

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +15,12 @@ import pytest
 ENGINE_ARGS = ["--dtype", "float32", "--enforce-eager", "--block-size", "32",
                "--kv-cache-memory-bytes", str(160 << 20), "--max-model-len", "4096",
                "--max-num-seqs", "16"]
+# `vllm serve` frontend flags of the shared service (and of vLLM's own server
+# in tests/test_openai_battery.py): tool calling with the hermes parser over a
+# hermes-style chat template, which renders a conversation without tools as
+# the tiny tokenizer's own template does.
+FRONTEND_ARGS = ["--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+                 "--chat-template", str(Path(__file__).parent / "data" / "hermes_tools.jinja")]
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -54,7 +61,8 @@ def loop() -> LoopThread:
 
 
 @contextlib.contextmanager
-def running_service(loop: LoopThread, model: str, engine_args, run_dir: str, interval_s: float = 0.2):
+def running_service(loop: LoopThread, model: str, engine_args, run_dir: str, interval_s: float = 0.2,
+                    **overrides: Any):
     """`llumigrate serve` in-process: 2 real engines, the OpenAI endpoint and
     the gRPC control API on free loopback ports, migration policies off."""
     from llumigrate.scheduler import SchedulerConfig
@@ -62,7 +70,7 @@ def running_service(loop: LoopThread, model: str, engine_args, run_dir: str, int
     config = ServeConfig(model=model, num_instances=2, engine_args=tuple(engine_args), port=0,
                          control_address="127.0.0.1:0", served_model_name="tiny",
                          scheduler=SchedulerConfig(migration_policies=()), interval_s=interval_s,
-                         run_dir=run_dir, log_level="warning")
+                         run_dir=run_dir, log_level="warning", **overrides)
     svc = Service(config)
     loop.run(svc.start(), timeout=600)
     try:
@@ -76,7 +84,8 @@ def service(tiny_model: str, loop: LoopThread, tmp_path_factory: pytest.TempPath
     """The shared service (see `running_service`). Its migration policies
     start disabled, so tests that migrate by hand are undisturbed; a test
     that enables one restores the policy after."""
-    with running_service(loop, tiny_model, ENGINE_ARGS, str(tmp_path_factory.mktemp("service"))) as svc:
+    with running_service(loop, tiny_model, [*ENGINE_ARGS, *FRONTEND_ARGS],
+                         str(tmp_path_factory.mktemp("service"))) as svc:
         yield svc
 
 

@@ -98,8 +98,9 @@ def test_failover_tries_its_own_instance_once_and_only_last():
 def test_rollback_resume_keeps_tokens_the_client_has_beyond_the_seal():
     """The stopped hop was a seeded failover replay that had not caught up
     with what the client already had: resuming from the seal reproduces those
-    tokens, which are checked and not sent again, and none is dropped from the
-    record (the CI stress violation: 2 tokens missing mid-stream)."""
+    tokens, which the agent checks and does not send again (`skip`), and none
+    is dropped from the record (the CI stress violation: 2 tokens missing
+    mid-stream)."""
     from types import SimpleNamespace
 
     from llumigrate.controller.rollback import RollbackSteps
@@ -112,22 +113,22 @@ def test_rollback_resume_keeps_tokens_the_client_has_beyond_the_seal():
     async def go():
         h = make_handle("r", [1, 2, 3], {"temperature": 1.0, "seed": 7, "max_tokens": 8}, 0, "i0")
         h.output_token_ids = [10, 11, 12, 13]
-        h.replay_expected = [12, 13]
         src = FakeInstance("i0", True)
         r = Resume()
-        r.req, r.src, r.dst, r.old_rid = h, src, FakeInstance("i1", True), "r#0"
+        r.req, r.src, r.dst, r.old_rid = h, src, FakeInstance("i1", True), "r"
         r.m = SimpleNamespace(timeout_for=lambda: 2.0)
-        r.sealed = SealedRequest("r#0", [1, 2, 3, 10, 11], 3, 4, 1, None)
+        r.sealed = SealedRequest("r", [1, 2, 3, 10, 11], 3, 4, 1, None)
         r.on_hop = lambda req, inst, hop: setattr(req, "hop", hop)
-        asyncio.get_running_loop().call_later(  # the resumed hop
-            0.05, lambda: h.append(make_output(h.engine_rid, [12, 13, 14])))
+        asyncio.get_running_loop().call_later(  # the resumed hop's first new token (after the skipped)
+            0.05, lambda: h.append(make_output(h.engine_rid, [14])))
         await r._resume_on_source()
         return h, src
     h, src = asyncio.run(go())
     [(core, tag)] = added(src.calls)
     assert core.prompt_token_ids == [1, 2, 3] and list(tag.output_tokens) == [10, 11]
     assert core.sampling_params.max_tokens == 8
-    assert h.output_token_ids == [10, 11, 12, 13, 14] and h.replay_expected == []
+    assert [a for m, a in src.calls if m == "add"][0]["skip"] == [12, 13]
+    assert h.output_token_ids == [10, 11, 12, 13, 14]
 
 
 def test_an_instance_lost_during_submit_leaves_the_request_to_the_submitter():

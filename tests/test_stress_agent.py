@@ -265,3 +265,45 @@ def test_capped_stop_that_does_not_end_falls_back_to_an_abort(monkeypatch):
     res, outs = _stop_with(rt, FakeCommands(rt, ends=False), {**HELD, "tokens": [1, 2, 3, 5, 6]})
     assert rt.engine_aborts == 1 and res["sealed"]["tokens"] == [1, 2, 3, 5, 6]
     assert _tokens(outs) == [5, 6]
+
+
+def test_a_replay_checks_and_drops_the_tokens_its_client_has():
+    """A seeded failover replay re-samples what the client already got: the
+    agent sends only what follows, and ends a replay that diverges as an error."""
+    async def go(replayed: list[list[int]]):
+        rt = FakeRuntime()
+        agent, conn = Agent("i0", rt), FakeConn()
+        agent.server.connections.add(conn)
+        agent.reqs["r#1"] = _Req("r#1", conn, skip=[5, 6, 7])
+        for tokens in replayed:
+            rt.emit(make_output("r#1", tokens))
+        await agent._route(await rt.outputs())
+        for _ in replayed[1:]:
+            await agent._route(await rt.outputs())
+        await asyncio.sleep(0)
+        return conn.outputs(), rt
+    outs, _ = asyncio.run(go([[5, 6], [7, 8, 9]]))
+    assert _tokens(outs) == [8, 9]
+    outs, rt = asyncio.run(go([[5, 4]]))
+    assert _tokens(outs) == [] and str(outs[-1].finish_reason) == "error" and rt.aborted == ["r#1"]
+
+
+def test_outputs_of_a_frontend_owned_request_go_to_it_under_its_own_id():
+    """When a frontend process of the serve owns the stream, it gets the
+    outputs (renamed to the request's id, as the hop it moved to is named
+    otherwise) and the controller only their tokens."""
+    async def go():
+        rt = FakeRuntime()
+        agent, ctl, front = Agent("i0", rt), FakeConn(), FakeConn()
+        front.closed = ctl.closed = False
+        agent.server.connections.update({ctl, front})
+        await agent.rpc_own(front, "f1")
+        agent.reqs["r#2"] = _Req("r#2", ctl, owner=agent.owners["f1"], stream="r")
+        rt.emit(make_output("r#2", [4, 5]), make_output("r#2", [6], "length"))
+        await agent._route(await rt.outputs())
+        return ctl, front
+    ctl, front = asyncio.run(go())
+    assert [(o.request_id, list(o.new_token_ids)) for o in front.outputs()] == [("r", [4, 5]), ("r", [6])]
+    assert [e["items"] for e in ctl.events if e["event"] == "progress"] == \
+        [[["r#2", [4, 5], None], ["r#2", [6], "length"]]]
+    assert ctl.outputs() == []

@@ -12,7 +12,14 @@ from llumigrate.agent.rpc import Connection
 @dataclass
 class AgentRequest:
     rid: str
-    conn: Connection | None          # where its outputs go (None: a pre-copy carrier)
+    conn: Connection | None          # the controller that added it (None: a pre-copy carrier)
+    # The frontend process that owns its stream, when not the controller: it
+    # gets the outputs (under `stream`, the request's own id), the
+    # controller only their tokens (`progress`).
+    owner: Connection | None = None
+    stream: str | None = None
+    num_restored: int = 0            # output tokens restored on this engine (not emitted again)
+    skip: list[int] = field(default_factory=list)  # replayed tokens the client has: checked, not sent
     stopping: bool = False
     engine_aborts: int = 0           # engine-core aborts of a stop (0: it stopped at a step)
     finished: bool = False

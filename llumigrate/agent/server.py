@@ -16,15 +16,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from llumigrate.agent.outputs import Diverged, Frames, unreplayed
 from llumigrate.agent.request import AgentRequest as _Req
 from llumigrate.agent.rpc import Connection, RpcServer
 from llumigrate.agent.source import SourceVerbs
 from llumigrate.engine.commands import CommandClient
 from llumigrate.engine.notify import NotifyListener
-from llumigrate.engine.params import PARAMS_KEY
+from llumigrate.engine.params import PARAMS_KEY, RequestTag
 from llumigrate.engine.runtime import EngineRuntime
 from llumigrate.engine.vllm_api import (EngineCoreOutputs, decode_any, decode_request, encode,
-                                        finish_reason_name)
+                                        finish_reason_name, finished_output)
 from llumigrate.errors import MigrationAborted, RequestNotFound
 
 logger = logging.getLogger(__name__)
@@ -46,11 +47,13 @@ class Agent(SourceVerbs):
         self.commands = commands
         self.kv: dict = {}
         self.reqs: dict[str, _Req] = {}
+        self.owners: dict[str, Connection] = {}   # frontend processes of the serve, by id
         self.started = time.time()
         self.shutdown_event = asyncio.Event()  # set by the `shutdown` RPC
         self.engine_dead = False  # the engine process died: this agent goes down
         self.server = RpcServer({name[4:]: getattr(self, name) for name in dir(self)
                                  if name.startswith("rpc_")})
+        self.server.on_disconnect = self._forget_owner
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         self.kv = await self.rt.rpc("llumigrate_attach")
@@ -112,7 +115,7 @@ class Agent(SourceVerbs):
                 self.shutdown_event.set()
 
     async def _route(self, outs: EngineCoreOutputs) -> None:
-        batches: dict[Connection, list] = {}
+        frames = Frames()
         for o in outs.outputs:
             req = self.reqs.get(o.request_id)
             if req is None or req.finished:
@@ -120,6 +123,13 @@ class Agent(SourceVerbs):
             req.num_tokens += len(o.new_token_ids)
             if o.kv_transfer_params and PARAMS_KEY in o.kv_transfer_params:
                 req.kv = o.kv_transfer_params[PARAMS_KEY]
+            try:
+                o = unreplayed(req, o)
+            except Diverged as e:
+                self._diverged(req, frames, e)
+                continue
+            if o is None:
+                continue
             if o.finish_reason is not None:
                 req.finish(finish_reason_name(o.finish_reason))
                 if req.stopping:  # the stop's end, or a real one: the seal tells (source.py)
@@ -127,18 +137,31 @@ class Agent(SourceVerbs):
                     continue
                 if req.conn is not None:
                     self.reqs.pop(req.rid, None)
-            if req.conn is not None:
-                batches.setdefault(req.conn, []).append(o)
-        stats = outs.scheduler_stats
-        for conn in list(self.server.connections) if stats is not None else list(batches):
-            frame = EngineCoreOutputs(outputs=batches.get(conn, []), scheduler_stats=stats,
-                                      timestamp=outs.timestamp)
-            await conn.push_batched("out", data=encode(frame))
+            frames.add(req, o)
+        await frames.send(self._controllers(), outs.scheduler_stats, outs.timestamp)
+
+    def _diverged(self, req: _Req, frames: Frames, e: Diverged) -> None:
+        """A replay that does not reproduce what its client has: end it as an error."""
+        logger.error("failover replay diverged from the tokens already streamed: %s", e)
+        asyncio.get_running_loop().create_task(self.rt.abort([req.rid]))
+        req.finish("error")
+        self.reqs.pop(req.rid, None)
+        frames.add(req, finished_output(req.rid, [], "error"))
+
+    def _controllers(self) -> list[Connection]:
+        owners = set(self.owners.values())
+        return [c for c in self.server.connections if c not in owners]
 
     async def push_outputs(self, req: _Req, outputs: list) -> None:
-        """Send `outputs` (EngineCoreOutput) of `req` to its controller now."""
-        if req.conn is not None and outputs:
-            await req.conn.push("out", data=encode(EngineCoreOutputs(outputs=list(outputs))))
+        """Send `outputs` (EngineCoreOutput) of `req` where its outputs go, now."""
+        frames = Frames()
+        for o in outputs:
+            frames.add(req, o)
+        await frames.send()
+
+    def _forget_owner(self, conn: Connection) -> None:
+        for owner in [o for o, c in self.owners.items() if c is conn]:
+            del self.owners[owner]
 
     # -- introspection ---------------------------------------------------------
     async def rpc_info(self, conn: Connection) -> dict:
@@ -152,20 +175,34 @@ class Agent(SourceVerbs):
         return {"worker": await self.rt.rpc("llumigrate_status"), "load": self.rt.snapshot().__dict__}
 
     # -- requests ----------------------------------------------------------
-    async def rpc_add(self, conn: Connection, request: bytes) -> dict:
-        """Run `request` (a vLLM EngineCoreRequest, encoded) on this engine;
-        its outputs go to `conn`."""
+    async def rpc_own(self, conn: Connection, owner: str) -> bool:
+        """`conn` is frontend process `owner` of the serve: requests added
+        for it send it their outputs."""
+        self.owners[owner] = conn
+        return True
+
+    async def rpc_add(self, conn: Connection, request: bytes, owner: str | None = None,
+                      stream: str | None = None, skip: list[int] | tuple = ()) -> dict:
+        """Run `request` (a vLLM EngineCoreRequest, encoded) on this engine.
+        Its outputs go to `conn`, or to frontend `owner` (if connected here:
+        then under the name `stream`, and `conn` gets their tokens). The
+        first tokens it produces are checked against `skip` and not sent
+        (a replay of tokens its client has)."""
         core = decode_request(request)
         rid = core.request_id
         if rid in self.reqs and not self.reqs[rid].finished:
             raise ValueError(f"request {rid!r} already exists on {self.instance_id}")
-        self.reqs[rid] = _Req(rid, conn)
+        tag = RequestTag.from_params((core.sampling_params.extra_args or {}).get("kv_transfer_params")
+                                     if core.sampling_params is not None else None)
+        owner_conn = self.owners.get(owner) if owner else None
+        self.reqs[rid] = _Req(rid, conn, owner=owner_conn, stream=stream,
+                              num_restored=len(tag.output_tokens) if tag else 0, skip=[int(t) for t in skip])
         try:
             await self.rt.add(core)
         except BaseException:
             self.reqs.pop(rid, None)
             raise
-        return {"rid": rid, "instance_id": self.instance_id}
+        return {"rid": rid, "instance_id": self.instance_id, "owner": owner_conn is not None}
 
     async def rpc_abort(self, conn: Connection, rid: str) -> bool:
         req = self.reqs.get(rid)

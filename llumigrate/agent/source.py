@@ -7,6 +7,7 @@ fallback. Mixed into `Agent`."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from llumigrate.agent.request import AgentRequest
@@ -14,8 +15,10 @@ from llumigrate.agent.rpc import Connection
 from llumigrate.engine.commands import CommandClient
 from llumigrate.engine.notify import NotifyListener
 from llumigrate.engine.params import SealedRequest
-from llumigrate.engine.vllm_api import finished_output, strip_end
+from llumigrate.engine.vllm_api import EngineCoreOutput, finished_output, strip_end
 from llumigrate.errors import MigrationAborted
+
+logger = logging.getLogger(__name__)
 
 # Fallback poll period of engine state the engine also pushes (engine/notify.py).
 POLL_S = 0.02
@@ -113,7 +116,7 @@ class SourceVerbs:
         if "finished" in res:  # it finished for real in the step the stop reached
             await self._deliver_withheld(req, res)
             return {"finished": res["finished"]}
-        await self._deliver_tokens(req)
+        await self._deliver_tokens(req, res["sealed"])
         return {**res, "stopped_by": "step" if capped and req.engine_aborts == 0 else "abort"}
 
     async def _stop_at_step(self, rid: str) -> bool:
@@ -147,7 +150,7 @@ class SourceVerbs:
         then end the request here (the engine already ended it)."""
         if res is not None and not req.finished:
             record = res.get("sealed") or res
-            want = len(record["tokens"]) - int(record["num_prompt_tokens"])
+            want = len(record["tokens"]) - int(record["num_prompt_tokens"]) - req.num_restored
             deadline = asyncio.get_running_loop().time() + min(timeout, CATCH_UP_S)
             while req.num_tokens < want and not req.finished and \
                     asyncio.get_running_loop().time() < deadline:
@@ -156,10 +159,20 @@ class SourceVerbs:
             await self.rt.abort([req.rid])
         req.finish("abort")
 
-    async def _deliver_tokens(self, req: AgentRequest) -> None:
-        """A stopped request's withheld tokens (not its end) go to the client."""
+    async def _deliver_tokens(self, req: AgentRequest, sealed: dict | None = None) -> None:
+        """A stopped request's withheld tokens (not its end) go to the client,
+        then any of the `sealed` record's the outputs did not carry (without
+        logprobs; normally none): the client has every sealed token before
+        the stop's reply."""
         req.stopping = False
-        await self.push_outputs(req, [strip_end(o) for o in req.held_back if o.new_token_ids])
+        outs = [strip_end(o) for o in req.held_back if o.new_token_ids]
+        if sealed is not None:
+            tail = sealed["tokens"][int(sealed["num_prompt_tokens"]) + req.num_restored + req.num_tokens:]
+            if tail:
+                logger.warning("%s: %d token(s) of the stopped request recovered from its record",
+                               req.rid, len(tail))
+                outs.append(EngineCoreOutput(request_id=req.rid, new_token_ids=list(tail)))
+        await self.push_outputs(req, outs)
 
     async def _deliver_withheld(self, req: AgentRequest, final: dict | None = None) -> None:
         """Send the client the outputs withheld while stopping. With `final`
@@ -167,7 +180,7 @@ class SourceVerbs:
         the withheld tokens, then the ones the outputs missed, and the finish."""
         if final is not None:
             await self._deliver_tokens(req)
-            tail = final["tokens"][final["num_prompt_tokens"] + req.num_tokens:]
+            tail = final["tokens"][final["num_prompt_tokens"] + req.num_restored + req.num_tokens:]
             await self.push_outputs(req, [finished_output(req.rid, tail, final["finished"],
                                                           final.get("stop_reason"))])
             return

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import tempfile
 
 # name -> module exposing `add_arguments(parser)` and `run(args) -> int`.
 COMMANDS: dict[str, str] = {
@@ -25,8 +27,25 @@ COMMANDS: dict[str, str] = {
 }
 
 
+def shared_metrics_dir(argv: list[str]) -> None:
+    """`serve --api-server-count N > 1`: metrics live in files that every
+    frontend process's `/metrics` reads (prometheus_client's multiprocess
+    mode, as `vllm serve` sets up), which must be chosen before
+    prometheus_client is first imported: here, before anything else is."""
+    count = 1
+    for k, a in enumerate(argv):
+        if a in ("--api-server-count", "-asc") and k + 1 < len(argv) and argv[k + 1].isdigit():
+            count = int(argv[k + 1])
+        elif a.startswith("--api-server-count=") and a.split("=", 1)[1].isdigit():
+            count = int(a.split("=", 1)[1])
+    if count > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="llumigrate-metrics-")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "serve":
+        shared_metrics_dir(argv[1:])
     if argv and argv[0] in COMMANDS:
         mod = importlib.import_module(COMMANDS[argv[0]])
         if hasattr(mod, "parse"):  # takes arguments it does not know (e.g. vLLM's)

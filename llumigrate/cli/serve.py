@@ -99,8 +99,6 @@ def build_config(args: argparse.Namespace):
     if builtin:
         from llumigrate.model.tiny import ensure_tiny_model
         model = str(ensure_tiny_model())
-    if args.api_server_count not in (None, 1):
-        raise ConfigError("--api-server-count > 1 is not supported by llumigrate serve yet")
     policies = [p for p in args.migration_policies.split(",") if p]
     return ServeConfig(
         model=model, num_instances=args.num_instances,
@@ -115,7 +113,8 @@ def build_config(args: argparse.Namespace):
         kv_transport=args.kv_transport, engine_spin_ms=args.engine_spin_ms,
         retain_finished=args.retain_finished, log_level=str(getattr(args, "log_level", None) or "info").lower(),
         run_dir=args.run_dir, restart=None if args.no_restart else RestartPolicy(),
-        max_failovers=None if args.max_failovers < 0 else args.max_failovers)
+        max_failovers=None if args.max_failovers < 0 else args.max_failovers,
+        api_server_count=args.api_server_count or 1)
 
 
 async def serve(config) -> int:

@@ -35,9 +35,9 @@ from llumigrate.controller.coordinator import Coordinator, MigrationResult
 from llumigrate.controller.failover import FailoverSteps
 from llumigrate.controller.instance import Instance, spawn_agent
 from llumigrate.controller.listener import ClusterListener
-from llumigrate.controller.hops import hop_request
+from llumigrate.controller.hops import add_hop
 from llumigrate.controller.request import RequestHandle
-from llumigrate.engine.vllm_api import core_refusal, decode_outputs, finish_reason_name
+from llumigrate.engine.vllm_api import core_refusal, decode_outputs, finish_reason_name, token_output
 from llumigrate.controller.restart import CrashRecord, RestartPolicy
 from llumigrate.controller.utilities import EngineUtilities
 from llumigrate.errors import (ConfigError, InstanceLost, InstanceNotFound, InstanceStartFailed, MigrationRefused,
@@ -220,14 +220,17 @@ class Cluster(FailoverSteps, EngineUtilities):
         return self._input_maker
 
     async def submit_core(self, core: Any, *, instance: str | None = None,
-                          emit: Callable[[str, Any], None] | None = None) -> RequestHandle:
+                          emit: Callable[[str, Any], None] | None = None,
+                          owner: str | None = None) -> RequestHandle:
         """Run engine request `core` (vLLM's EngineCoreRequest); its outputs go
-        to `emit` (vLLM's frontend) if given."""
+        to `emit` (vLLM's frontend) if given, or straight from the agents to
+        the serve's frontend process `owner` (`emit` then gets only the ends
+        made here)."""
         inst = self._instance(instance) if instance else self._pick()
         rid = core.request_id
         if rid in self.requests and not self.requests[rid].finished:
             raise ConfigError(f"request id {rid!r} already in use")
-        h = RequestHandle(rid, core, inst.instance_id, emit=emit, on_finish=self._on_finished)
+        h = RequestHandle(rid, core, inst.instance_id, emit=emit, owner=owner, on_finish=self._on_finished)
         self.requests[rid] = h
         self._routes[h.engine_rid] = h
         # NOTE: an instance lost while the call is in flight leaves this
@@ -236,7 +239,7 @@ class Cluster(FailoverSteps, EngineUtilities):
         # over from `_on_lost` as well made two requests of one id.
         self._submitting.add(rid)
         try:
-            await inst.call("add", request=hop_request(h, h.engine_rid))
+            await add_hop(inst, h, h.engine_rid)
         except Exception:
             self.requests.pop(rid, None)
             self._routes.pop(h.engine_rid, None)
@@ -336,6 +339,10 @@ class Cluster(FailoverSteps, EngineUtilities):
         if kind == "load":
             self._on_load(msg)
             return
+        if kind == "progress":  # the tokens of outputs an agent sent a frontend process itself
+            for rid, tokens, reason in msg.get("items") or ():
+                self._on_output(token_output(rid, tokens, reason), forward=False)
+            return
         if kind != "out" or not isinstance(msg.get("data"), bytes):
             return
         outs = decode_outputs(msg["data"])
@@ -344,7 +351,7 @@ class Cluster(FailoverSteps, EngineUtilities):
         if outs.scheduler_stats is not None:
             self._notify("on_stats", inst.instance_id, outs.scheduler_stats)
 
-    def _on_output(self, o: Any) -> None:
+    def _on_output(self, o: Any, forward: bool = True) -> None:
         h = self._routes.get(o.request_id)
         if h is None or h.engine_rid != o.request_id:
             return  # a stale hop (stopped for migration) or a carrier
@@ -361,8 +368,7 @@ class Cluster(FailoverSteps, EngineUtilities):
             self._routes.pop(o.request_id, None)
         else:
             self._hop_tokens[h.request_id] = self._hop_tokens.get(h.request_id, 0) + n
-        if not h.append(o):  # NOTE: after the bookkeeping: a finish may forget the request
-            self._spawn(self._abort_diverged(h))
+        h.append(o, forward)  # NOTE: after the bookkeeping: a finish may forget the request
 
     def _on_finished(self, h: RequestHandle) -> None:
         """A request ended (once, whatever ended it): tell the listener, and

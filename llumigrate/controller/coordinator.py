@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from llumigrate.controller.instance import Instance
 from llumigrate.controller.request import RequestHandle, hop_id
 from llumigrate.controller.rollback import RollbackSteps
-from llumigrate.controller.hops import carrier_request, hop_request
+from llumigrate.controller.hops import add_hop, carrier_request
 from llumigrate.engine.params import LoadSpec, SealedRequest
 from llumigrate.errors import InstanceLost, LlumigrateError, MigrationAborted, MigrationRefused, RequestNotFound
 from llumigrate.migration.faults import FaultContext, FaultHook, FaultPoint
@@ -36,9 +36,6 @@ class MigrationResult:
     blocks_hit_at_commit: int = 0
     blocks_loaded_at_commit: int = 0
     context_tokens: int = 0
-    # Tokens the stopped source's stream missed, taken from its sealed record
-    # (they carry no logprobs; normally 0: the stream catches up first).
-    recovered_tokens: int = 0
     # How the source stopped it: "step" (capped to end at a step boundary, no
     # sampled token lost) or "abort" (it was not running; or did not end in time).
     stopped_by: str = ""
@@ -211,14 +208,12 @@ class Coordinator(RollbackSteps):
             return
         self.sealed = s = SealedRequest.from_wire(res["sealed"])
         self._mark("sealed")
-        recovered = s.tokens[len(req.all_token_ids):]
-        assert s.tokens[: len(req.all_token_ids)] == req.all_token_ids[: len(s.tokens)], \
-            "sealed tokens diverge from the delivered stream"
-        if recovered:
-            logger.warning("%s: %d token(s) of the stopped source recovered from its record%s",
-                           req.request_id, len(recovered), " (without logprobs)" if req.wants_logprobs else "")
-        req.recover(recovered)
-        self.result.recovered_tokens = len(recovered)
+        # NOTE: the source delivered every sealed token before its reply
+        # (`agent/source.py`: the ones its outputs missed, from the record).
+        # The client may be ahead of the seal (a seeded failover replay that
+        # had not caught up): the next hop reproduces those tokens (`skip`).
+        assert s.tokens[:len(req.all_token_ids)] == req.all_token_ids[:len(s.tokens)], \
+            "sealed tokens differ from the delivered stream"
         self.result.stopped_by = str(res.get("stopped_by", ""))
         self._last_src_token_at = req.last_token_at
         self.result.context_tokens = len(s.tokens)
@@ -239,8 +234,9 @@ class Coordinator(RollbackSteps):
             await self._inject(FaultPoint.COMMIT)
             self._mark("commit_sent")
             load = None if self.config.recompute else self._load(self.old_rid, s.num_kv_tokens, final=True)
-            await self.dst.call("add", rpc_timeout=self.m.timeout_for(), request=hop_request(
-                req, self.new_rid, outputs=outputs, load=load, generator_state=s.generator_state))
+            await add_hop(self.dst, req, self.new_rid, outputs=outputs, load=load,
+                          generator_state=s.generator_state, rpc_timeout=self.m.timeout_for(),
+                          skip=req.output_token_ids[len(outputs):])
             self._mark("commit_acked")
             if self.config.recompute:  # nothing will pull the held blocks
                 await self.src.call("release", rpc_timeout=5, rid=self.old_rid)

@@ -17,7 +17,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from llumigrate.controller.hops import hop_request
+from llumigrate.controller.hops import add_hop
 from llumigrate.controller.instance import Instance
 from llumigrate.controller.request import RequestHandle
 from llumigrate.errors import InstanceLost
@@ -33,8 +33,9 @@ async def replay(h: RequestHandle, dst: Instance,
                  set_hop: Callable[[RequestHandle, Instance, int], None]) -> None:
     """Start `h`'s next hop on `dst` by replay. Raises what `dst.call` raises."""
     outputs: list[int] = []
+    skip: list[int] = []
     if is_seeded(h.sampling):
-        h.replay_expected = list(h.output_token_ids)
+        skip = list(h.output_token_ids)   # re-sampled, checked, not sent again
     else:
         outputs = list(h.output_token_ids)
         if h.max_tokens is not None and len(outputs) >= h.max_tokens:
@@ -42,7 +43,7 @@ async def replay(h: RequestHandle, dst: Instance,
             return
     h.num_failovers += 1
     set_hop(h, dst, h.hop + 1)
-    await dst.call("add", request=hop_request(h, h.engine_rid, outputs=outputs))
+    await add_hop(dst, h, h.engine_rid, outputs=outputs, skip=skip)
 
 
 class FailoverSteps:
@@ -113,9 +114,3 @@ class FailoverSteps:
                     await dst.call("abort", rpc_timeout=2, rid=h.engine_rid)
                 except Exception:
                     pass
-
-    async def _abort_diverged(self, h: RequestHandle) -> None:
-        inst = self.instances.get(h.instance_id)
-        h.finish("error", error="failover replay diverged from the tokens already streamed")
-        if inst is not None and inst.up:
-            await inst.call("abort", rid=h.engine_rid)

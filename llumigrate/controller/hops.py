@@ -11,9 +11,25 @@ exactly: the KV to load (`LoadSpec`) and a seeded sampler's state.
 
 from __future__ import annotations
 
+from typing import Any
+
 from llumigrate.controller.request import RequestHandle
 from llumigrate.engine.params import LoadSpec, RequestTag
 from llumigrate.engine.vllm_api import carrier, encode, retagged
+
+
+async def add_hop(inst: Any, h: RequestHandle, engine_rid: str, *, outputs: list[int] | None = None,
+                  load: LoadSpec | None = None, generator_state: bytes | None = None,
+                  skip: list[int] | None = None, rpc_timeout: float | None = 60.0) -> None:
+    """Run hop `engine_rid` of `h` on instance `inst` (`hop_request`); its
+    outputs go to the frontend process that owns `h` if that one is
+    connected to `inst`, else here. The first tokens it produces are checked
+    against `skip` (a replay of tokens the client has) and not sent again."""
+    reply = await inst.call("add", rpc_timeout=rpc_timeout,
+                            request=hop_request(h, engine_rid, outputs=outputs, load=load,
+                                                generator_state=generator_state),
+                            owner=h.owner, stream=h.request_id if h.owner else None, skip=list(skip or ()))
+    h.remote = bool(isinstance(reply, dict) and reply.get("owner"))
 
 
 def hop_request(h: RequestHandle, engine_rid: str, *, outputs: list[int] | None = None,

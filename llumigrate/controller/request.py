@@ -55,8 +55,11 @@ class RequestHandle:
     # was committing it: the coordinator rolls back instead of ending the stream.
     hop_error: str | None = None
     committing: bool = False     # a migration is committing the current hop
-    # Tokens a failover replay will produce again: checked and not re-streamed.
-    replay_expected: list[int] = field(default_factory=list)
+    # The serve's frontend process that owns its stream (None: this process).
+    owner: str | None = None
+    # Whether its current hop's agent sends its outputs to `owner` itself
+    # (this process then gets only their tokens: `progress`).
+    remote: bool = False
     arrival: float = field(default_factory=time.monotonic)
     # When it joined its current instance's queue: arrival, then each new hop
     # (an engine queues a new hop behind what it already has).
@@ -123,28 +126,20 @@ class RequestHandle:
         return sum(self.token_counts[-k + 1:]) / elapsed if elapsed > 0 else None
 
     # -- fed by the controller ---------------------------------------------------
-    def append(self, output: EngineCoreOutput) -> bool:
+    def append(self, output: EngineCoreOutput, forward: bool = True) -> None:
         """Add one engine output of the current hop (its tokens, and its end
-        if it ended). False if its tokens contradict those a failover replay
-        was expected to reproduce (nothing is added then)."""
+        if it ended); the agent already took out replayed tokens the client
+        had. `forward`: send it on to `emit` (False: the agent sent it to the
+        frontend process that owns the stream itself)."""
         tokens = list(output.new_token_ids)
-        if self.replay_expected and tokens:
-            n = min(len(tokens), len(self.replay_expected))
-            if tokens[:n] != self.replay_expected[:n]:
-                return False
-            del self.replay_expected[:n]
-            tokens = tokens[n:]
-            if not tokens and output.finish_reason is None:
-                return True
-            output = replayed_tail(output, n)
         if tokens:
             self._note_tokens(tokens, logprob_rows(output.new_logprobs, len(tokens)))
         if output.finish_reason is not None:
             self._end(finish_reason_name(output.finish_reason), output.stop_reason, None,
-                      self._for_frontend(output))
-        elif tokens or output.pooling_output is not None or output.new_prompt_logprobs_tensors is not None:
+                      self._for_frontend(output) if forward else None)
+        elif forward and (tokens or output.pooling_output is not None
+                          or output.new_prompt_logprobs_tensors is not None):
             self._forward(self._for_frontend(output))
-        return True
 
     def _note_tokens(self, tokens: list[int], logprobs: list | None = None) -> None:
         if self.output_logprobs is not None:
@@ -172,13 +167,6 @@ class RequestHandle:
         if self.emit is not None:
             self.emit(self.instance_id, output)
 
-    def recover(self, tokens: list[int]) -> None:
-        """Tokens a stopped source produced that its outputs did not deliver
-        (taken from its sealed record; they carry no logprobs)."""
-        if tokens:
-            self._note_tokens(list(tokens))
-            self._forward(EngineCoreOutput(request_id=self.request_id, new_token_ids=list(tokens)))
-
     def finish(self, reason: str | None, stop_reason: object = None, error: str | None = None) -> None:
         """End the stream from here (an abort, a failure, no instance left);
         only the first end counts (and calls `on_finish`)."""
@@ -186,12 +174,13 @@ class RequestHandle:
                   terminal_output(self.request_id, reason or "abort", stop_reason))
 
     def _end(self, reason: str | None, stop_reason: object, error: str | None,
-             output: EngineCoreOutput) -> None:
+             output: EngineCoreOutput | None) -> None:
         if self.finished:
             return
         self.finished, self.finish_reason = True, reason
         self.stop_reason, self.error = stop_reason, error
-        self._forward(output)
+        if output is not None:
+            self._forward(output)
         if self._queue is not None:
             self._queue.put_nowait(StreamDelta([], True, reason))
         self._done.set()
@@ -253,10 +242,3 @@ class RequestHandle:
 def hop_id(request_id: str, hop: int) -> str:
     """The engine request id of hop `hop` of `request_id`."""
     return request_id if hop == 0 else f"{request_id}#{hop}"
-
-
-def replayed_tail(output: EngineCoreOutput, n: int) -> EngineCoreOutput:
-    """`output` without its first `n` tokens (a failover replay reproduced
-    them; the client has them already)."""
-    from llumigrate.engine.vllm_api import drop_first_tokens
-    return drop_first_tokens(output, n)

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 
 from llumigrate.controller.instance import Instance
 from llumigrate.controller.request import RequestHandle
-from llumigrate.controller.hops import hop_request
+from llumigrate.controller.hops import add_hop
 from llumigrate.engine.params import LoadSpec, SealedRequest
 from llumigrate.errors import MigrationAborted
 from llumigrate.migration.protocol import Action, Migration
@@ -113,22 +113,19 @@ class RollbackSteps:
         # streamed): the resumed hop reproduces those tokens, which are checked
         # and not sent again, never dropped from the request's record.
         outputs = sealed.tokens[len(req.prompt_token_ids):]
-        req.replay_expected = list(req.output_token_ids[len(outputs):])
-        missing = sealed.tokens[len(req.all_token_ids):]
-        if missing:  # the resumed hop continues after every sealed token: the client needs them all
-            logger.warning("%s: %d sealed tokens had not reached the stream; sending them before "
-                           "resuming", req.request_id, len(missing))
-            req.recover(missing)
+        # NOTE: the stop delivered every sealed token before it returned
+        # (`agent/source.py`); the client may be ahead of the seal still.
+        assert sealed.tokens[:len(req.all_token_ids)] == req.all_token_ids[:len(sealed.tokens)]
+        skip = list(req.output_token_ids[len(outputs):])
         n_before = len(req.output_token_ids)
         self.on_hop(req, self.src, req.hop + 1)  # a fresh hop id, never reused
         # Like a commit: a hop that fails before its first token (say, its
         # KV load found the hold gone) is reported here, not to the client.
         req.committing = True
         try:
-            await self.src.call("add", rpc_timeout=30, request=hop_request(
-                req, req.engine_rid, outputs=outputs,
-                load=self._load(self.old_rid, sealed.num_kv_tokens, final=True),
-                generator_state=sealed.generator_state))
+            await add_hop(self.src, req, req.engine_rid, outputs=outputs, skip=skip, rpc_timeout=30,
+                          load=self._load(self.old_rid, sealed.num_kv_tokens, final=True),
+                          generator_state=sealed.generator_state)
             await self._release_after_resume(n_before)
         finally:
             req.committing = False

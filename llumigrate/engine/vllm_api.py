@@ -46,8 +46,8 @@ __all__ = [
     "serve_arg_parser", "make_engine_core_client", "num_preempted", "encode", "decode_request",
     "decode_outputs", "decode_any", "frontend_config", "make_frontend_llm", "finish_reason_name",
     "finish_reason_from_name", "strip_end", "finished_output", "renamed_output", "keep_preemptions",
-    "drop_first_tokens", "terminal_output", "retagged", "carrier", "TokenRequests",
-    "engine_args_from_argv", "core_refusal", "engine_args_from_namespace", "build_vllm_app",
+    "drop_first_tokens", "terminal_output", "token_output", "retagged", "carrier", "TokenRequests",
+    "engine_args_from_argv", "core_refusal", "utility_args", "engine_args_from_namespace", "build_vllm_app",
     "make_http_server", "validate_serve_args", "parse_vllm_serve_args", "logprob_rows",
 ]
 
@@ -153,6 +153,12 @@ def logprob_rows(lp: Any, n: int) -> list[list[list]] | None:
     return rows
 
 
+def token_output(request_id: str, token_ids: list[int], reason: str | None) -> EngineCoreOutput:
+    """An output of tokens only (an agent's `progress` item)."""
+    return EngineCoreOutput(request_id=request_id, new_token_ids=list(token_ids),
+                            finish_reason=None if reason is None else finish_reason_from_name(reason))
+
+
 def terminal_output(request_id: str, reason: str, stop_reason: int | str | None = None) -> EngineCoreOutput:
     """An output that only ends `request_id` (no new token)."""
     return finished_output(request_id, [], reason, stop_reason)
@@ -234,6 +240,15 @@ def decode_outputs(data: bytes) -> EngineCoreOutputs:
 def decode_any(data: bytes) -> Any:
     """Untyped: plain values (utility arguments and results)."""
     return _any_decoder.decode(data)
+
+
+def utility_args(name: str, args: Any) -> tuple:
+    """An engine utility's arguments as decoded untyped, with the typed ones
+    converted back (a LoRA adapter's request)."""
+    args = tuple(args or ())
+    if name == "add_lora" and args:
+        return (msgspec.convert(args[0], LoRARequest), *args[1:])
+    return args
 
 
 # -- the serve process's frontend ---------------------------------------------------

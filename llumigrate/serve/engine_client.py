@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Callable
 from typing import Any
 
 from llumigrate.controller.cluster import Cluster
@@ -53,9 +54,15 @@ class ClusterEngineClient(EngineCoreClient):
 
     # -- the data path --------------------------------------------------------------
     async def add_request_async(self, request: EngineCoreRequest) -> None:
+        await self.dispatch(request, self._emit)
+
+    async def dispatch(self, request: EngineCoreRequest, emit: Callable[[str, EngineCoreOutput], None],
+                       owner: str | None = None) -> None:
+        """Send `request` where the global scheduler chooses; its outputs go
+        to `emit`, or from the agents to frontend process `owner` (`hub.py`)."""
         instance = self._sibling_instance(request) or self.scheduler.choose(int(request.priority))
         self._note_sibling(request, instance)
-        await self.cluster.submit_core(request, instance=instance, emit=self._emit)
+        await self.cluster.submit_core(request, instance=instance, emit=emit, owner=owner)
 
     def _sibling_instance(self, request: EngineCoreRequest) -> str | None:
         """The children of one `n > 1` request go where the first went (one

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import logging
 import socket
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from llumigrate.controller.cluster import Cluster
@@ -39,23 +40,24 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-class Frontend:
-    def __init__(self, args: argparse.Namespace, cluster: Cluster, scheduler: GlobalScheduler) -> None:
-        self.args, self.cluster, self.scheduler = args, cluster, scheduler
-        self.client: ClusterEngineClient | None = None
+class VllmServer:
+    """vLLM's AsyncLLM over engine-core client `client` and vLLM's app,
+    served on `sock` (one frontend process's server)."""
+
+    def __init__(self, args: argparse.Namespace, client: Any) -> None:
+        self.args, self.client = args, client
         self.llm: Any = None
         self.server: Any = None
         self._task: asyncio.Task | None = None
 
-    async def start(self, sock: socket.socket) -> None:
-        """Build vLLM's frontend over the instances now up, and serve."""
+    async def start(self, sock: socket.socket, instance_infos: list[dict],
+                    remove_lora: Callable[[int], Awaitable[Any]]) -> None:
         config = frontend_config(engine_args_from_namespace(self.args))
-        adopt_instance_figures(config, [i.info for i in self.cluster.instances.values() if i.up])
-        indexes = {iid: n for n, iid in enumerate(self.cluster.instances)}
-        self.client = ClusterEngineClient(self.cluster, self.scheduler, indexes)
+        adopt_instance_figures(config, instance_infos)
         self.llm = make_frontend_llm(config, self.client, log_stats=not self.args.disable_log_stats,
                                      log_requests=bool(self.args.enable_log_requests))
         app = await build_vllm_app(self.llm, self.args)
+        forget_unloaded_loras(app.state, remove_lora)
         self.server = make_http_server(app, self.args)
         self._task = asyncio.get_running_loop().create_task(self.server.serve(sockets=[sock]))
         while not self.server.started:
@@ -70,13 +72,31 @@ class Frontend:
             return None
         return int(self.server.servers[0].sockets[0].getsockname()[1])
 
+    async def wait_stopped(self) -> None:
+        if self._task is not None:
+            await self._task
+
     async def stop(self) -> None:
         if self.server is not None:
             self.server.should_exit = True
-            if self._task is not None:
-                await self._task
+            await self.wait_stopped()
         if self.llm is not None:
             self.llm.shutdown()
+
+
+class Frontend(VllmServer):
+    """The serve process's own frontend: over `ClusterEngineClient`."""
+
+    def __init__(self, args: argparse.Namespace, cluster: Cluster, scheduler: GlobalScheduler) -> None:
+        super().__init__(args, None)
+        self.cluster, self.scheduler = cluster, scheduler
+
+    async def start(self, sock: socket.socket) -> None:  # type: ignore[override]
+        """Build vLLM's frontend over the instances now up, and serve."""
+        indexes = {iid: n for n, iid in enumerate(self.cluster.instances)}
+        self.client = ClusterEngineClient(self.cluster, self.scheduler, indexes)
+        await super().start(sock, [i.info for i in self.cluster.instances.values() if i.up],
+                            self.cluster.remove_lora)
 
 
 def adopt_instance_figures(config: Any, infos: list[dict]) -> None:
@@ -88,3 +108,22 @@ def adopt_instance_figures(config: Any, infos: list[dict]) -> None:
     model.max_model_len = min([model.max_model_len] + [int(i["max_model_len"]) for i in infos])
     config.cache_config.num_gpu_blocks = sum(int(i.get("num_gpu_blocks", 0)) for i in infos)
     config.cache_config.block_size = int(infos[0]["block_size"])
+
+
+def forget_unloaded_loras(state: Any, remove_lora: Callable[[int], Awaitable[Any]]) -> None:
+    """vLLM's /v1/unload_lora_adapter forgets an adapter in the frontend only
+    (it never calls `remove_lora`): remove it from the cluster too, or every
+    instance that joins later loads it (and fails to join once its files are
+    gone)."""
+    models = getattr(state, "openai_serving_models", None)
+    if models is None:
+        return
+    unload = models.unload_lora_adapter
+
+    async def unload_and_forget(request: Any, *args: Any, **kwargs: Any) -> Any:
+        lora = models.lora_requests.get(request.lora_name)
+        result = await unload(request, *args, **kwargs)
+        if lora is not None and request.lora_name not in models.lora_requests:
+            await remove_lora(lora.lora_int_id)
+        return result
+    models.unload_lora_adapter = unload_and_forget

@@ -9,6 +9,7 @@ TPOT, queue and KV figures, per engine) come from vLLM's frontend.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 from prometheus_client import (CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram,
@@ -104,8 +105,10 @@ class Metrics:
 
     def expose(self) -> None:
         """Serve these metrics on vLLM's `/metrics` too (prometheus_client's
-        global registry, which vLLM's route renders)."""
-        if self._bridge is None:
+        global registry, which vLLM's route renders). In prometheus_client's
+        multiprocess mode (several frontend processes) every metric is kept in
+        the shared files vLLM's route reads already."""
+        if self._bridge is None and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
             self._bridge = _Bridge(self.registry)
             REGISTRY.register(self._bridge)
 

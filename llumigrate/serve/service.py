@@ -28,6 +28,7 @@ from llumigrate.netutil import is_loopback
 from llumigrate.scheduler import DEFAULT_INTERVAL_S, SchedulerConfig
 from llumigrate.serve.control_backend import ClusterControlBackend
 from llumigrate.serve.frontend import Frontend, bind_socket
+from llumigrate.serve.processes import FrontendProcesses
 from llumigrate.serve.metrics import Metrics
 from llumigrate.serve.observer import ServeObserver
 from llumigrate.serve.scheduler import GlobalScheduler
@@ -59,12 +60,19 @@ class ServeConfig:
     log_level: str = "info"
     restart: RestartPolicy | None = field(default_factory=RestartPolicy)  # None: a lost instance stays down
     max_failovers: int | None = 1    # replays per request when instances die under it (None: no limit)
+    api_server_count: int = 1        # frontend processes on the HTTP socket (this one and N - 1 more)
 
     def __post_init__(self) -> None:
         if self.num_instances < 0:
             raise ConfigError(f"num_instances must be >= 0, got {self.num_instances}")
         if self.retain_finished < 0:
             raise ConfigError(f"retain_finished must be >= 0, got {self.retain_finished}")
+        if self.api_server_count < 1:
+            raise ConfigError(f"api_server_count must be >= 1, got {self.api_server_count}")
+        if self.api_server_count > 1 and os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower() \
+                in ("1", "true"):
+            raise ConfigError("VLLM_ALLOW_RUNTIME_LORA_UPDATING cannot be used with api_server_count > 1 "
+                              "(as in vLLM: each frontend process keeps its own adapter list)")
         if not is_loopback(self.host) and not (self.api_key or os.environ.get("VLLM_API_KEY")):
             raise ConfigError(f"serving HTTP on {self.host} needs --api-key or VLLM_API_KEY "
                               "(only loopback is served without one)")
@@ -97,6 +105,7 @@ class Service:
         self.control = ControlServer(ClusterControlBackend(self.scheduler, self.bus),
                                      ControlServerConfig(config.control_address, config.token))
         self.frontend = Frontend(self.args, self.cluster, self.scheduler)
+        self.frontends = FrontendProcesses(config.api_server_count - 1)
         self.control_port: int | None = None
 
     async def start(self) -> Service:
@@ -111,6 +120,9 @@ class Service:
             self.scheduler.start()
             self.control_port = await self.control.start()
             await self.frontend.start(sock)
+            assert self.frontend.client is not None
+            await self.frontends.start(sock, self.args, self.frontend.client, self.cluster,
+                                       self.config.log_level)
         except BaseException:
             sock.close()
             raise
@@ -124,6 +136,7 @@ class Service:
 
     async def stop(self) -> None:
         self.observer.stats_sink = None
+        await self.frontends.stop()
         await self.frontend.stop()
         self.metrics.unexpose()
         await self.control.stop()
