@@ -161,3 +161,12 @@ def test_engine_facts_read_the_vllm_config():
     cfg.speculative_config, cfg.use_v2_model_runner = object(), True
     cfg.structured_outputs_config.reasoning_parser = "deepseek_r1"
     assert engine_facts(cfg) == EngineFacts(speculative=True, model_runner_v2=True, reasoning_parser=True)
+
+
+def test_another_vllm_release_is_refused_by_its_version_alone():
+    from llumigrate.engine.version import UnsupportedVllm, check_vllm_version, installed_vllm
+    assert check_vllm_version().startswith("0.32") and installed_vllm() == check_vllm_version()
+    for other in ("0.31.4", "0.33.0", "1.0.0"):
+        with pytest.raises(UnsupportedVllm, match=f"found {other}"):
+            check_vllm_version(other)
+    assert check_vllm_version("0.32.7") == "0.32.7"

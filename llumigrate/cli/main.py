@@ -43,6 +43,15 @@ def shared_metrics_dir(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from llumigrate.engine.version import UnsupportedVllm
+    try:
+        return _main(argv)
+    except UnsupportedVllm as e:  # said before any vLLM module is imported
+        print(f"llumigrate: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "serve":
         shared_metrics_dir(argv[1:])

@@ -22,22 +22,22 @@ from llumigrate.engine.version import check_vllm_version
 
 check_vllm_version()  # before any other vLLM import: one clear message on another version
 
-from vllm.engine.arg_utils import AsyncEngineArgs  # noqa: E402
-from vllm.lora.request import LoRARequest  # noqa: E402
-from vllm.pooling_params import PoolingParams  # noqa: E402
-from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams  # noqa: E402
-from vllm.usage.usage_lib import UsageContext  # noqa: E402
-from vllm.utils.argparse_utils import FlexibleArgumentParser  # noqa: E402
-from vllm.v1.engine import (  # noqa: E402
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.lora.request import LoRARequest
+from vllm.pooling_params import PoolingParams
+from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
+from vllm.usage.usage_lib import UsageContext
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+from vllm.v1.engine import (
     EngineCoreEventType,
     EngineCoreOutput,
     EngineCoreOutputs,
     EngineCoreRequest,
     FinishReason,
 )
-from vllm.v1.engine.core_client import EngineCoreClient  # noqa: E402
-from vllm.v1.executor import Executor  # noqa: E402
-from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder  # noqa: E402
+from vllm.v1.engine.core_client import EngineCoreClient
+from vllm.v1.executor import Executor
+from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
 
 __all__ = [
     "AsyncEngineArgs", "EngineCoreClient", "EngineCoreOutput", "EngineCoreOutputs", "EngineCoreRequest",

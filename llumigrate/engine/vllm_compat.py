@@ -15,7 +15,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import vllm
+from llumigrate.engine.version import check_vllm_version
+
+check_vllm_version()  # before any other vLLM import: one clear message on another version
+
 from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
 from vllm.distributed.kv_transfer.kv_connector.utils import yield_req_data
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
@@ -31,13 +34,11 @@ from vllm.v1.structured_output.request import StructuredOutputRequest
 
 from llumigrate.engine.refusal import EngineFacts
 
-SUPPORTED_VLLM = ("0.32",)
-
 __all__ = [
     "KVConnectorBase_V1", "KVConnectorMetadata", "KVConnectorRole", "KVConnectorWorkerMetadata",
     "get_kv_transfer_group", "has_kv_transfer_group", "yield_req_data", "check_version",
     "is_aborted", "finish_reason", "is_seeded", "request_sampler_state", "bound_mq_spin", "is_cpu_platform",
-    "abort_in_engine_core", "is_running", "next_token_cap", "cap_output_tokens", "is_length_capped",
+    "is_running", "next_token_cap", "cap_output_tokens", "is_length_capped",
     "engine_facts", "restore_output_tokens", "fail_waiting_request", "advance_grammar",
     "install_add_request_hook",
 ]
@@ -45,11 +46,7 @@ __all__ = [
 
 def check_version() -> None:
     """Fail clearly on a vLLM release whose internals we have not checked."""
-    major_minor = ".".join(vllm.__version__.split(".")[:2])
-    if major_minor not in SUPPORTED_VLLM:
-        raise RuntimeError(
-            f"llumigrate supports vLLM {', '.join(SUPPORTED_VLLM)}.x; found {vllm.__version__}"
-        )
+    check_vllm_version()
 
 
 def is_cpu_platform() -> bool:
@@ -143,27 +140,6 @@ def bound_mq_spin(spin_s: float, recheck_s: float = 0.02) -> bool:
     cond.wait = wait
     return True
 
-
-async def abort_in_engine_core(llm: Any, request_id: str) -> bool:
-    """Abort `request_id` in the engine core only, leaving `AsyncLLM`'s own
-    record of it (its output processor state) in place: the output of a step
-    the abort did not reach still arrives, with its logprobs, instead of being
-    dropped as `AsyncLLM.abort` drops it. The caller ends the request's stream
-    with `AsyncLLM.abort` afterwards. False if the frontend does not know it.
-
-    PRIVATE: `OutputProcessor.external_req_ids` maps the caller's request id
-    to the engine core's internal ids (the id plus a random suffix)."""
-    table = getattr(llm.output_processor, "external_req_ids", None)
-    if table is None:
-        raise RuntimeError("this vLLM's output processor has no `external_req_ids` table")
-    internal = list(table.get(request_id, ()))
-    if not internal:
-        return False
-    await llm.engine_core.abort_requests_async(internal)
-    return True
-
-
-# -- restoring a moved request (see engine/restore.py) -------------------------
 
 def engine_facts(vllm_config: Any) -> EngineFacts:
     """The facts of this engine's configuration that decide what a restore
