@@ -67,10 +67,10 @@ def running_service(loop: LoopThread, model: str, engine_args, run_dir: str, int
     the gRPC control API on free loopback ports, migration policies off."""
     from llumigrate.scheduler import SchedulerConfig
     from llumigrate.serve.service import ServeConfig, Service
-    config = ServeConfig(model=model, num_instances=2, engine_args=tuple(engine_args), port=0,
-                         control_address="127.0.0.1:0", served_model_name="tiny",
-                         scheduler=SchedulerConfig(migration_policies=()), interval_s=interval_s,
-                         run_dir=run_dir, log_level="warning", **overrides)
+    fields: dict[str, Any] = dict(num_instances=2, port=0, control_address="127.0.0.1:0",
+                                  served_model_name="tiny", scheduler=SchedulerConfig(migration_policies=()),
+                                  interval_s=interval_s, run_dir=run_dir, log_level="warning")
+    config = ServeConfig(model=model, engine_args=tuple(engine_args), **{**fields, **overrides})
     svc = Service(config)
     loop.run(svc.start(), timeout=600)
     try:

@@ -1,0 +1,85 @@
+"""`vllm serve`'s frontend arguments mean what they mean there, on
+`llumigrate serve`: several served model names, an API key from
+`VLLM_API_KEY`, `--max-logprobs`, `--reasoning-parser` (one instance: what
+is checked is vLLM's frontend over the cluster)."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import httpx
+import pytest
+from conftest import ENGINE_ARGS, running_service
+
+pytestmark = pytest.mark.engine
+
+KEY = "s3cret-key"
+# The granite reasoning parser splits on these phrases; a structured output
+# (applied during reasoning too) makes the tiny model produce them.
+THOUGHT, RESPONSE = "Here is my thought process:", "Here is my response:"
+SHAPE = rf"{THOUGHT} [a-z]{{4,8}} {RESPONSE} [a-z]{{4,8}}"
+
+
+@pytest.fixture(scope="module")
+def svc(loop, tiny_model, tmp_path_factory):
+    args = [*ENGINE_ARGS, "--max-logprobs", "3", "--reasoning-parser", "granite",
+            "--structured-outputs-config.enable_in_reasoning", "true"]
+    os.environ["VLLM_API_KEY"] = KEY
+    try:
+        with running_service(loop, tiny_model, args, str(tmp_path_factory.mktemp("args")), num_instances=1,
+                             served_model_name=("tiny", "alias")) as s:
+            yield s
+    finally:
+        del os.environ["VLLM_API_KEY"]
+
+
+def _http(svc, key: str | None = KEY) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.Client(base_url=f"http://127.0.0.1:{svc.http_port}", headers=headers, timeout=120)
+
+
+def test_the_api_key_from_the_environment_is_required(svc):
+    with _http(svc, None) as http:
+        assert http.get("/v1/models").status_code == 401
+    with _http(svc, "wrong") as http:
+        assert http.get("/v1/models").status_code == 401
+    with _http(svc) as http:
+        assert http.get("/v1/models").status_code == 200
+        assert http.get("/health").status_code == 200    # vLLM leaves health open
+
+
+def test_every_served_model_name_is_listed_and_answers(svc):
+    with _http(svc) as http:
+        assert [m["id"] for m in http.get("/v1/models").json()["data"]] == ["tiny", "alias"]
+        texts = []
+        for name in ("tiny", "alias"):
+            r = http.post("/v1/completions", json={"model": name, "prompt": "one two", "max_tokens": 8,
+                                                   "temperature": 0})
+            assert r.status_code == 200, r.text
+            assert r.json()["model"] == "tiny"   # vLLM answers under the first served name
+            texts.append(r.json()["choices"][0]["text"])
+        assert texts[0] == texts[1]
+        assert http.post("/v1/completions", json={"model": "other", "prompt": "x"}).status_code == 404
+
+
+def test_max_logprobs_bounds_what_a_request_may_ask(svc):
+    with _http(svc) as http:
+        body = {"model": "tiny", "prompt": "one two", "max_tokens": 4, "temperature": 0}
+        ok = http.post("/v1/completions", json={**body, "logprobs": 3})
+        assert ok.status_code == 200 and len(ok.json()["choices"][0]["logprobs"]["top_logprobs"][0]) == 3
+        too_many = http.post("/v1/completions", json={**body, "logprobs": 5})
+        assert too_many.status_code == 400 and "max" in too_many.text.lower()
+
+
+def test_the_reasoning_parser_splits_reasoning_from_content(svc):
+    with _http(svc) as http:
+        r = http.post("/v1/chat/completions", json={
+            "model": "tiny", "messages": [{"role": "user", "content": "think first"}], "max_tokens": 120,
+            "temperature": 0, "structured_outputs": {"regex": SHAPE}})
+        assert r.status_code == 200, r.text
+        msg = r.json()["choices"][0]["message"]
+        reasoning = msg.get("reasoning") or msg.get("reasoning_content")
+        assert reasoning and re.fullmatch(r"\s*[a-z]{4,8}\s*", reasoning), msg
+        assert msg["content"] and re.fullmatch(r"\s*[a-z]{4,8}\s*", msg["content"]), msg
+        assert THOUGHT not in msg["content"] and RESPONSE not in msg["content"]
