@@ -331,3 +331,4 @@ def test_a_killed_instance_is_restarted_under_its_id(loop, service):
     assert ("instance_down", "i1") in events and events.index(("instance_down", "i1")) < \
         events.index(("instance_up", "i1"))
     assert not any(os.path.exists(p) and os.stat(p).st_ino == ino for p, ino in old_shm.items())
+

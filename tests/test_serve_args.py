@@ -23,7 +23,10 @@ SHAPE = rf"{THOUGHT} [a-z]{{4,8}} {RESPONSE} [a-z]{{4,8}}"
 
 @pytest.fixture(scope="module")
 def svc(loop, tiny_model, tmp_path_factory):
+    import json
+    reasoning = {"reasoning_start_str": THOUGHT, "reasoning_end_str": RESPONSE}
     args = [*ENGINE_ARGS, "--max-logprobs", "3", "--reasoning-parser", "granite",
+            "--reasoning-config", json.dumps(reasoning),
             "--structured-outputs-config.enable_in_reasoning", "true"]
     os.environ["VLLM_API_KEY"] = KEY
     try:
@@ -83,3 +86,51 @@ def test_the_reasoning_parser_splits_reasoning_from_content(svc):
         assert reasoning and re.fullmatch(r"\s*[a-z]{4,8}\s*", reasoning), msg
         assert msg["content"] and re.fullmatch(r"\s*[a-z]{4,8}\s*", msg["content"]), msg
         assert THOUGHT not in msg["content"] and RESPONSE not in msg["content"]
+
+
+def test_a_request_whose_state_cannot_be_carried_is_refused_and_finishes_where_it_is(loop, svc):
+    """A thinking-token budget's state is not carried by a restore (not
+    verified on vLLM 0.32): its migration is refused before anything moves,
+    with the reason on the control API and in /metrics, and the stream
+    finishes where it is exactly as without the attempt."""
+    import asyncio
+
+    import grpc
+
+    from llumigrate.control.client import ControlClient
+    body = {"model": "tiny", "prompt": "one two three", "max_tokens": 300, "temperature": 0,
+            "ignore_eos": True, "thinking_token_budget": 20}
+    with _http(svc) as http:
+        ref = http.post("/v1/completions", json=body)
+        assert ref.status_code == 200, ref.text
+
+    async def go():
+        ctl = ControlClient(f"127.0.0.1:{svc.control_port}")
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{svc.http_port}", timeout=120,
+                                         headers={"Authorization": f"Bearer {KEY}"}) as http:
+                stream = asyncio.ensure_future(http.post("/v1/completions", json=body))
+                for _ in range(600):
+                    live = [r for r in await ctl.list_requests() if r.num_output_tokens > 0]
+                    if live:
+                        break
+                    await asyncio.sleep(0.05)
+                try:
+                    await ctl.migrate(live[0].id, "i0")
+                    err = None
+                except grpc.aio.AioRpcError as e:
+                    err = e
+                listed = [q for q in await ctl.list_requests() if q.id == live[0].id]
+                done = await stream
+                metrics = (await http.get("/metrics")).text
+            return err, listed, done, metrics
+        finally:
+            await ctl.close()
+    err, listed, done, metrics = loop.run(go())
+    assert err is not None and err.code() == grpc.StatusCode.FAILED_PRECONDITION, err
+    assert "thinking_token_budget" in err.details()
+    assert listed and "thinking_token_budget" in listed[0].migration_refusal
+    assert done.json()["choices"][0]["text"] == ref.json()["choices"][0]["text"]
+    refusals = [line for line in metrics.splitlines()
+                if line.startswith("llumigrate_migration_refusals_total{") and "thinking_token_budget" in line]
+    assert refusals and float(refusals[0].split()[-1]) >= 1

@@ -121,13 +121,15 @@ def renamed_output(output: EngineCoreOutput, request_id: str) -> EngineCoreOutpu
 
 
 def keep_preemptions(output: EngineCoreOutput) -> EngineCoreOutput:
-    """`output` from a request's later hop: its queueing and scheduling
-    events and prefill stats describe the hop (the first hop's already
-    reached the frontend); its preemptions still count."""
-    events = [e for e in output.events or () if e.type == EngineCoreEventType.PREEMPTED]
-    if output.events is None and output.prefill_stats is None:
+    """`output` from a request's later hop, as the frontend must see it: its
+    queueing and scheduling events and prefill stats describe the hop (the
+    first hop's already reached the frontend), and its connector report
+    (`kv_transfer_params`: what the hop loaded) is llumigrate's, not the
+    client's; its preemptions still count."""
+    if output.events is None and output.prefill_stats is None and output.kv_transfer_params is None:
         return output
-    return msgspec.structs.replace(output, events=events or None, prefill_stats=None)
+    events = [e for e in output.events or () if e.type == EngineCoreEventType.PREEMPTED]
+    return msgspec.structs.replace(output, events=events or None, prefill_stats=None, kv_transfer_params=None)
 
 
 def drop_first_tokens(output: EngineCoreOutput, n: int) -> EngineCoreOutput:
