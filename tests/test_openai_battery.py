@@ -29,14 +29,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import json
 import math
 import os
 import re
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,6 +43,7 @@ import httpx
 import jsonschema
 import pytest
 
+from vllm_reference import VllmServer
 from conftest import ENGINE_ARGS, FRONTEND_ARGS
 from llumigrate.errors import MigrationRefused, RequestNotFound
 
@@ -278,54 +275,6 @@ CASE_INDEX = {c.name: i for i, c in enumerate(CASES)}
 
 
 # -- vLLM's own server ----------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class VllmServer:
-    """`python -m vllm.entrypoints.openai.api_server` in a subprocess, its own
-    session. Constructing it returns at once (the engine boots while the
-    caller starts other things); `wait_ready` blocks until it serves."""
-
-    def __init__(self, model: str, args: list[str], log_path: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        # As llumigrate runs each engine on a 2-core host: one unpinned OpenMP thread.
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
-        argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-                "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(self.port), *args]
-        self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
-
-    def wait_ready(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vLLM's server exited ({self.proc.returncode}):\n{self.log_tail()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            time.sleep(0.5)
-        raise RuntimeError(f"vLLM's server did not start in {timeout} s:\n{self.log_tail()}")
-
-    def log_tail(self, n: int = 40) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, 9)
-                self.proc.wait(10)
-        self._log.close()
-
 
 @pytest.fixture(scope="session")
 def vllm_server(tiny_model: str, tmp_path_factory: pytest.TempPathFactory):

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import ENGINE_ARGS, running_service
 from llumigrate.errors import MigrationRefused
-from test_lora import MODEL, VllmServer
+from vllm_reference import MODEL, VllmServer
 
 pytestmark = pytest.mark.engine
 

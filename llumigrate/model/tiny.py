@@ -11,7 +11,6 @@ a cache folder and is safe to call from several processes at once.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import math
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llumigrate.errors import ConfigError
+from llumigrate.model.cache import build_once
 from llumigrate.model.tokenizer import (
     BOS_TOKEN,
     EOS_TOKEN,
@@ -158,18 +158,7 @@ def ensure_tiny_model(
         target = default_cache_dir() / f"tiny-{config.digest()}"
     else:
         target = Path(path).expanduser().absolute()
-    if _is_complete(target, config):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        # NOTE: re-check under the lock: another process may have built it.
-        if not _is_complete(target, config):
-            for pattern in (f".{target.name}.tmp-*", f".{target.name}.old-*"):
-                for stale in target.parent.glob(pattern):  # left by a crashed build
-                    shutil.rmtree(stale, ignore_errors=True)
-            make_tiny_model(target, config)
-    return target
+    return build_once(target, lambda: _is_complete(target, config), lambda: make_tiny_model(target, config))
 
 
 def default_cache_dir() -> Path:

@@ -14,7 +14,6 @@ build per pair in the model cache and is safe to call from several processes.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llumigrate.errors import ConfigError
+from llumigrate.model.cache import build_once
 from llumigrate.model.tiny import default_cache_dir
 
 BUILD_VERSION = 1
@@ -96,17 +96,8 @@ def ensure_tiny_lora(model_dir: str | Path, config: TinyLoraConfig | None = None
     config = config or TinyLoraConfig()
     digest = _digest(Path(model_dir), config)
     target = Path(path).expanduser().absolute() if path else default_cache_dir() / f"lora-{digest}"
-    if _is_complete(target, digest):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        # NOTE: re-check under the lock: another process may have built it.
-        if not _is_complete(target, digest):
-            for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a crashed build
-                shutil.rmtree(stale, ignore_errors=True)
-            make_tiny_lora(model_dir, target, config)
-    return target
+    return build_once(target, lambda: _is_complete(target, digest),
+                      lambda: make_tiny_lora(model_dir, target, config))
 
 
 def read_marker(path: str | Path) -> dict | None:
