@@ -49,7 +49,7 @@ class ClusterEngineClient(EngineCoreClient):
         self.engine_ranks_managed = sorted(set(self.engine_index.values())) or [0]
         self.resources = _Resources()
         self._queue: asyncio.Queue[EngineCoreOutputs] = asyncio.Queue()
-        self._pending: dict[str, list[EngineCoreOutput]] = {}
+        self._pending: dict[str, EngineCoreOutputs] = {}   # this loop turn's batches, by instance
         self._siblings: dict[str, str] = {}   # parent id of n > 1 children -> their instance
 
     # -- the data path --------------------------------------------------------------
@@ -83,22 +83,29 @@ class ClusterEngineClient(EngineCoreClient):
         self._siblings[m.group(1)] = instance
 
     def _emit(self, instance_id: str, output: EngineCoreOutput) -> None:
-        if not self._pending:
-            asyncio.get_running_loop().call_soon(self._flush)
-        self._pending.setdefault(instance_id, []).append(output)
-
-    def _flush(self) -> None:
-        pending, self._pending = self._pending, {}
-        for instance_id, outputs in pending.items():
-            self._queue.put_nowait(EngineCoreOutputs(engine_index=self.engine_index.get(instance_id, 0),
-                                                     outputs=outputs))
+        self._batch(instance_id).outputs.append(output)
 
     def on_stats(self, instance_id: str, stats: Any) -> None:
         """An instance's scheduler stats, for vLLM's stat loggers (only for
-        the engines they know)."""
-        idx = self.engine_index.get(instance_id)
-        if idx is not None:
-            self._queue.put_nowait(EngineCoreOutputs(engine_index=idx, scheduler_stats=stats))
+        the engines they know): with that step's outputs, in one batch."""
+        if instance_id in self.engine_index:
+            self._batch(instance_id).scheduler_stats = stats
+
+    def _batch(self, instance_id: str) -> EngineCoreOutputs:
+        """This event-loop turn's batch of `instance_id`'s outputs for
+        `AsyncLLM` (one per engine step, as from a vLLM engine core)."""
+        batch = self._pending.get(instance_id)
+        if batch is None:
+            if not self._pending:
+                asyncio.get_running_loop().call_soon(self._flush)
+            batch = self._pending[instance_id] = EngineCoreOutputs(
+                engine_index=self.engine_index.get(instance_id, 0), outputs=[])
+        return batch
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, {}
+        for batch in pending.values():
+            self._queue.put_nowait(batch)
 
     async def get_output_async(self) -> EngineCoreOutputs:
         return await self._queue.get()
