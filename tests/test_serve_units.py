@@ -310,3 +310,23 @@ def test_an_address_in_use_fails_before_any_engine_starts(tmp_path, taken):
         again.close()
     finally:
         blocker.close()
+
+
+def test_vllm_serve_arguments_reach_the_server_and_the_instances_as_in_vllm():
+    """Frontend arguments go to vLLM's server (its parsed arguments), engine
+    arguments to each instance; the API key and the address are the
+    server's alone (not on any instance's command line)."""
+    from llumigrate.cli import serve
+    args = serve.parse(["--num-instances", "1", "--api-key", "k3y", "--served-model-name", "a", "b",
+                        "--chat-template", "{{ messages }}", "--max-logprobs", "4", "--port", "9",
+                        "--dtype", "float32", "--tool-call-parser", "hermes", "--enable-auto-tool-choice"])
+    config = serve.build_config(args)
+    ns = config.vllm_args()
+    assert ns.api_key == ["k3y"] and ns.served_model_name == ["a", "b"] and ns.port == 9
+    assert ns.chat_template == "{{ messages }}" and ns.max_logprobs == 4 and ns.tool_call_parser == "hermes"
+    assert ns.host == "127.0.0.1"                      # llumigrate's default: loopback
+    assert "k3y" not in config.engine_args and "--port" not in config.engine_args
+    assert {"--dtype", "--max-logprobs", "--chat-template"} <= set(config.engine_args)
+    with pytest.raises(ConfigError, match="api-key"):
+        replace(config, host="0.0.0.0", api_key=None)
+    assert replace(config, host="0.0.0.0").api_key == ("k3y",)

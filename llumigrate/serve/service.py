@@ -46,7 +46,7 @@ class ServeConfig:
     served_model_name: str | tuple[str, ...] | None = None
     host: str = "127.0.0.1"          # OpenAI endpoint
     port: int = 8000
-    api_key: str | None = None       # required off loopback (or VLLM_API_KEY)
+    api_key: str | tuple[str, ...] | None = None   # vLLM's (one or more); required off loopback (or VLLM_API_KEY)
     control_address: str = DEFAULT_ADDRESS
     token: str | None = None         # control API and agents; required off loopback
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -81,8 +81,9 @@ class ServeConfig:
         """The parsed `vllm serve` arguments of the frontend (ConfigError if vLLM refuses them)."""
         names = (self.served_model_name,) if isinstance(self.served_model_name, str) \
             else tuple(self.served_model_name or ())
+        keys = (self.api_key,) if isinstance(self.api_key, str) else tuple(self.api_key or ())
         argv = [self.model, *self.engine_args, "--host", self.host, "--port", str(self.port),
-                *(["--api-key", self.api_key] if self.api_key else []),
+                *(["--api-key", *keys] if keys else []),
                 *(["--served-model-name", *names] if names else [])]
         return parse_vllm_serve_args(argv)
 
