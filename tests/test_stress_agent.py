@@ -307,3 +307,18 @@ def test_outputs_of_a_frontend_owned_request_go_to_it_under_its_own_id():
     assert [e["items"] for e in ctl.events if e["event"] == "progress"] == \
         [[["r#2", [4, 5], None], ["r#2", [6], "length"]]]
     assert ctl.outputs() == []
+
+
+def test_a_frontend_puts_a_moved_requests_outputs_in_order():
+    """A moved request's first outputs from its new agent may reach the
+    frontend process before the last ones from its old agent (another
+    connection): their positions put them back in order."""
+    from llumigrate.serve.remote_client import StreamOrder
+    order = StreamOrder()
+    order.start("r")
+    got = [o for o, pos in ((make_output("r", [1, 2]), 0), (make_output("r", [5]), 4),
+                            (make_output("r", [6], "length"), 5), (make_output("r", [3, 4]), 2))
+           for o in order.arrived(o, pos)]
+    assert [t for o in got for t in o.new_token_ids] == [1, 2, 3, 4, 5, 6]
+    assert str(got[-1].finish_reason) == "length" and "r" not in order.next and "r" not in order.early
+    assert order.arrived(make_output("other", [9]), 3)[0].new_token_ids == [9]   # not ordered here

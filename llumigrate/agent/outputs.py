@@ -1,8 +1,10 @@
 """Where an agent's engine outputs go, one frame per engine step and
 connection: a request's outputs to its controller, or, when a frontend
 process of the serve owns its stream, to that frontend (under the request's
-own id) and only their tokens to the controller (`progress`). Replayed tokens
-a client already has (a failover replay) are checked and not sent again."""
+own id, with each output's position in the stream: the frontend gets a
+request's hops from several agents and puts them in order) and only their
+tokens to the controller (`progress`). Replayed tokens a client already has
+(a failover replay) are checked and not sent again."""
 
 from __future__ import annotations
 
@@ -17,6 +19,12 @@ from llumigrate.engine.vllm_api import (EngineCoreOutputs, drop_first_tokens, en
 
 class Diverged(Exception):
     """A replay produced other tokens than the ones its client already has."""
+
+
+def position(req: AgentRequest, o: Any) -> int:
+    """Where `o`, just counted in `req.num_tokens`, starts in its request's
+    output tokens (those restored on this engine come first)."""
+    return req.num_restored + req.num_tokens - len(o.new_token_ids)
 
 
 def unreplayed(req: AgentRequest, o: Any) -> Any | None:
@@ -39,12 +47,15 @@ class Frames:
     """One step's outputs, by connection."""
 
     outputs: dict[Connection, list] = field(default_factory=dict)
+    positions: dict[Connection, list[int]] = field(default_factory=dict)
     progress: dict[Connection, list[list]] = field(default_factory=dict)
 
-    def add(self, req: AgentRequest, o: Any) -> None:
+    def add(self, req: AgentRequest, o: Any, pos: int) -> None:
+        """`o`, whose first token is output token `pos` of its request."""
         if req.owner is not None and not req.owner.closed:
             out = o if req.stream in (None, req.rid) else keep_preemptions(renamed_output(o, req.stream))
             self.outputs.setdefault(req.owner, []).append(out)
+            self.positions.setdefault(req.owner, []).append(pos)
             if req.conn is not None:
                 self.progress.setdefault(req.conn, []).append(
                     [req.rid, list(o.new_token_ids), finish_reason_name(o.finish_reason)])
@@ -62,4 +73,7 @@ class Frames:
         for conn in targets:
             frame = EngineCoreOutputs(outputs=self.outputs.get(conn, []), timestamp=timestamp,
                                       scheduler_stats=stats if conn in controllers else None)
-            await conn.push_batched("out", data=encode(frame))
+            if conn in self.positions:
+                await conn.push_batched("out", data=encode(frame), pos=self.positions[conn])
+            else:
+                await conn.push_batched("out", data=encode(frame))

@@ -26,7 +26,8 @@ class AgentRequest:
     reason: str | None = None        # how it finished ("length", "abort", ...)
     num_tokens: int = 0              # output tokens the engine emitted for it
     kv: dict | None = None           # the connector's report on its final output
-    held_back: list[Any] = field(default_factory=list)  # EngineCoreOutputs withheld while stopping
+    # (EngineCoreOutput, position) withheld while stopping
+    held_back: list[tuple[Any, int]] = field(default_factory=list)
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
     def finish(self, reason: str | None) -> None:

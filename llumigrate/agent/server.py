@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from llumigrate.agent.outputs import Diverged, Frames, unreplayed
+from llumigrate.agent.outputs import Diverged, Frames, position, unreplayed
 from llumigrate.agent.request import AgentRequest as _Req
 from llumigrate.agent.rpc import Connection, RpcServer
 from llumigrate.agent.source import SourceVerbs
@@ -130,14 +130,15 @@ class Agent(SourceVerbs):
                 continue
             if o is None:
                 continue
+            pos = position(req, o)
             if o.finish_reason is not None:
                 req.finish(finish_reason_name(o.finish_reason))
                 if req.stopping:  # the stop's end, or a real one: the seal tells (source.py)
-                    req.held_back.append(o)
+                    req.held_back.append((o, pos))
                     continue
                 if req.conn is not None:
                     self.reqs.pop(req.rid, None)
-            frames.add(req, o)
+            frames.add(req, o, pos)
         await frames.send(self._controllers(), outs.scheduler_stats, outs.timestamp)
 
     def _diverged(self, req: _Req, frames: Frames, e: Diverged) -> None:
@@ -146,17 +147,18 @@ class Agent(SourceVerbs):
         asyncio.get_running_loop().create_task(self.rt.abort([req.rid]))
         req.finish("error")
         self.reqs.pop(req.rid, None)
-        frames.add(req, finished_output(req.rid, [], "error"))
+        frames.add(req, finished_output(req.rid, [], "error"), req.num_restored + req.num_tokens)
 
     def _controllers(self) -> list[Connection]:
         owners = set(self.owners.values())
         return [c for c in self.server.connections if c not in owners]
 
-    async def push_outputs(self, req: _Req, outputs: list) -> None:
-        """Send `outputs` (EngineCoreOutput) of `req` where its outputs go, now."""
+    async def push_outputs(self, req: _Req, outputs: list[tuple]) -> None:
+        """Send `outputs` ((EngineCoreOutput, position) pairs) of `req` where
+        its outputs go, now."""
         frames = Frames()
-        for o in outputs:
-            frames.add(req, o)
+        for o, pos in outputs:
+            frames.add(req, o, pos)
         await frames.send()
 
     def _forget_owner(self, conn: Connection) -> None:

@@ -165,13 +165,15 @@ class SourceVerbs:
         logprobs; normally none): the client has every sealed token before
         the stop's reply."""
         req.stopping = False
-        outs = [strip_end(o) for o in req.held_back if o.new_token_ids]
+        outs = [(strip_end(o), pos) for o, pos in req.held_back if o.new_token_ids]
         if sealed is not None:
             tail = sealed["tokens"][int(sealed["num_prompt_tokens"]) + req.num_restored + req.num_tokens:]
             if tail:
                 logger.warning("%s: %d token(s) of the stopped request recovered from its record",
                                req.rid, len(tail))
-                outs.append(EngineCoreOutput(request_id=req.rid, new_token_ids=list(tail)))
+                outs.append((EngineCoreOutput(request_id=req.rid, new_token_ids=list(tail)),
+                             req.num_restored + req.num_tokens))
+                req.num_tokens += len(tail)
         await self.push_outputs(req, outs)
 
     async def _deliver_withheld(self, req: AgentRequest, final: dict | None = None) -> None:
@@ -181,8 +183,9 @@ class SourceVerbs:
         if final is not None:
             await self._deliver_tokens(req)
             tail = final["tokens"][final["num_prompt_tokens"] + req.num_restored + req.num_tokens:]
-            await self.push_outputs(req, [finished_output(req.rid, tail, final["finished"],
-                                                          final.get("stop_reason"))])
+            await self.push_outputs(req, [(finished_output(req.rid, tail, final["finished"],
+                                                           final.get("stop_reason")),
+                                           req.num_restored + req.num_tokens)])
             return
         req.stopping = False
         await self.push_outputs(req, req.held_back)

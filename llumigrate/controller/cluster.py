@@ -220,7 +220,7 @@ class Cluster(FailoverSteps, EngineUtilities):
         return self._input_maker
 
     async def submit_core(self, core: Any, *, instance: str | None = None,
-                          emit: Callable[[str, Any], None] | None = None,
+                          emit: Callable[[str, Any, int], None] | None = None,
                           owner: str | None = None) -> RequestHandle:
         """Run engine request `core` (vLLM's EngineCoreRequest); its outputs go
         to `emit` (vLLM's frontend) if given, or straight from the agents to

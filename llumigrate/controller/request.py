@@ -69,8 +69,8 @@ class RequestHandle:
     token_times: list[float] = field(default_factory=list)  # arrival time of each delta
     token_counts: list[int] = field(default_factory=list)   # tokens in each delta (same order)
     # Where its outputs go (vLLM's frontend), with the instance they come
-    # from; None for Python API callers.
-    emit: Callable[[str, EngineCoreOutput], None] | None = field(default=None, repr=False)
+    # from and where in its output tokens each starts; None for Python API callers.
+    emit: Callable[[str, EngineCoreOutput, int], None] | None = field(default=None, repr=False)
     # Told once, when the request finishes, whatever finished it (the cluster's listener).
     on_finish: Callable[[RequestHandle], None] | None = field(default=None, repr=False)
     _queue: asyncio.Queue | None = field(default=None, repr=False)
@@ -165,7 +165,7 @@ class RequestHandle:
 
     def _forward(self, output: EngineCoreOutput) -> None:
         if self.emit is not None:
-            self.emit(self.instance_id, output)
+            self.emit(self.instance_id, output, len(self.output_token_ids) - len(output.new_token_ids))
 
     def finish(self, reason: str | None, stop_reason: object = None, error: str | None = None) -> None:
         """End the stream from here (an abort, a failure, no instance left);

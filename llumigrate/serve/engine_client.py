@@ -56,7 +56,7 @@ class ClusterEngineClient(EngineCoreClient):
     async def add_request_async(self, request: EngineCoreRequest) -> None:
         await self.dispatch(request, self._emit)
 
-    async def dispatch(self, request: EngineCoreRequest, emit: Callable[[str, EngineCoreOutput], None],
+    async def dispatch(self, request: EngineCoreRequest, emit: Callable[[str, EngineCoreOutput, int], None],
                        owner: str | None = None) -> None:
         """Send `request` where the global scheduler chooses; its outputs go
         to `emit`, or from the agents to frontend process `owner` (`hub.py`)."""
@@ -82,7 +82,9 @@ class ClusterEngineClient(EngineCoreClient):
             self._siblings.pop(next(iter(self._siblings)))
         self._siblings[m.group(1)] = instance
 
-    def _emit(self, instance_id: str, output: EngineCoreOutput) -> None:
+    def _emit(self, instance_id: str, output: EngineCoreOutput, pos: int = 0) -> None:
+        # NOTE: in this process one connection per agent keeps each hop's
+        # outputs in order, and a hop starts only after the one before ended.
         self._batch(instance_id).outputs.append(output)
 
     def on_stats(self, instance_id: str, stats: Any) -> None:

@@ -92,11 +92,11 @@ class FrontendHub:
         return encode(await getattr(self.client, f"{name}_async")(*utility_args(name, decode_any(args))))
 
     def _emitter(self, owner: str):
-        def emit(instance_id: str, output: EngineCoreOutput) -> None:
+        def emit(instance_id: str, output: EngineCoreOutput, pos: int) -> None:
             conn = self.frontends.get(owner)
             if conn is None:
                 logger.warning("frontend %s is gone; dropped an output of %s", owner, output.request_id)
                 return
             frame = EngineCoreOutputs(engine_index=self.client.engine_index.get(instance_id, 0), outputs=[output])
-            asyncio.get_running_loop().create_task(conn.push_batched("out", data=encode(frame)))
+            asyncio.get_running_loop().create_task(conn.push_batched("out", data=encode(frame), pos=[pos]))
         return emit

@@ -6,12 +6,15 @@ Requests, aborts and engine utilities go to the serve process's hub
 from the agents: this process connects to every instance agent and says it
 owns the requests added for it (`own`), so a request's outputs reach it on
 every hop, wherever a migration moves it. The agents it has not reached yet
-send through the hub instead.
+send through the hub instead. A request's outputs come from several
+connections (its hops' agents, the hub), each with its position in the
+request's output tokens: they are put in order here (`StreamOrder`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 from typing import Any
 
@@ -39,6 +42,7 @@ class RemoteClusterClient(EngineCoreClient):
         self.resources = _Resources()
         self.engine_ranks_managed: list[int] = [0]
         self._queue: asyncio.Queue[EngineCoreOutputs] = asyncio.Queue()
+        self.order = StreamOrder()
         self._watch: asyncio.Task | None = None
 
     async def connect(self) -> list[dict]:
@@ -81,18 +85,23 @@ class RemoteClusterClient(EngineCoreClient):
         if msg.get("event") != "out" or not isinstance(msg.get("data"), bytes):
             return
         outs = decode_outputs(msg["data"])
-        if outs.outputs:
+        positions = msg.get("pos") or [None] * len(outs.outputs)
+        ready = [o for o, pos in zip(outs.outputs, positions) for o in self.order.arrived(o, pos)]
+        if ready:
             idx = self.engine_index.get(instance_id, 0) if instance_id is not None else outs.engine_index
-            self._queue.put_nowait(EngineCoreOutputs(engine_index=idx, outputs=outs.outputs))
+            self._queue.put_nowait(EngineCoreOutputs(engine_index=idx, outputs=ready))
 
     # -- vLLM's engine-core client interface ----------------------------------------
     async def get_output_async(self) -> EngineCoreOutputs:
         return await self._queue.get()
 
     async def add_request_async(self, request: EngineCoreRequest) -> None:
+        self.order.start(request.request_id)
         await self.hub.call("add", request=encode(request), owner=self.owner)
 
     async def abort_requests_async(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            self.order.forget(rid)
         await self.hub.call("abort", ids=list(request_ids))
 
     async def _utility(self, name: str, *args: Any) -> Any:
@@ -143,3 +152,47 @@ class RemoteClusterClient(EngineCoreClient):
     def shutdown(self, timeout: float | None = None) -> None:
         if self._watch is not None:
             self._watch.cancel()
+
+
+class StreamOrder:
+    """Puts each request's outputs in the order of their positions in its
+    output tokens: a moved request's first outputs from its new agent may
+    arrive before the last ones from its old agent (another connection)."""
+
+    def __init__(self) -> None:
+        self.next: dict[str, int] = {}                       # request id -> next position
+        self.early: dict[str, list[tuple[int, int, Any]]] = {}  # outputs ahead of it
+
+    def start(self, request_id: str) -> None:
+        self.next[request_id] = 0
+
+    def arrived(self, output: Any, pos: int | None) -> list:
+        """The outputs now in order (`output`, and any held back behind it)."""
+        rid = output.request_id
+        if pos is None or rid not in self.next:
+            return [output]
+        expected = self.next[rid]
+        if pos > expected:
+            heapq.heappush(self.early.setdefault(rid, []), (pos, id(output), output))
+            return []
+        if pos < expected:
+            logger.error("%s: an output at %d arrived behind %d; dropped", rid, pos, expected)
+            return []
+        ready = [output]
+        self._advance(rid, output)
+        early = self.early.get(rid)
+        while early and early[0][0] == self.next.get(rid):
+            _, _, o = heapq.heappop(early)
+            ready.append(o)
+            self._advance(rid, o)
+        return ready
+
+    def forget(self, request_id: str) -> None:
+        self.next.pop(request_id, None)
+        self.early.pop(request_id, None)
+
+    def _advance(self, rid: str, output: Any) -> None:
+        if output.finish_reason is not None:
+            self.forget(rid)
+        else:
+            self.next[rid] += len(output.new_token_ids)
