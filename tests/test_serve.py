@@ -211,12 +211,12 @@ def test_metrics_count_dispatches_and_migrations(loop, service):
     assert "llumigrate_dispatches_total{" in text
     assert 'llumigrate_instance_free_blocks{instance="i0"}' in text
     # vLLM's own serving metrics, one engine label per instance (i0 is engine 0, ...).
+    # (Their values are asserted in test_serve_args.py: vLLM's metrics are
+    # process-wide, and a service started after this one took them over.)
     for engine in ("0", "1"):
         running = [line for line in text.splitlines() if line.startswith("vllm:num_requests_running{")
                    and f'engine="{engine}"' in line]
         assert running, f"no vLLM gauge for engine {engine}"
-    generated = [line for line in text.splitlines() if line.startswith("vllm:generation_tokens_total{")]
-    assert generated and sum(float(line.split()[-1]) for line in generated) > 0
 
 
 VLLM_BENCH = """

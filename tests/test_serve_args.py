@@ -134,3 +134,19 @@ def test_a_request_whose_state_cannot_be_carried_is_refused_and_finishes_where_i
     refusals = [line for line in metrics.splitlines()
                 if line.startswith("llumigrate_migration_refusals_total{") and "thinking_token_budget" in line]
     assert refusals and float(refusals[0].split()[-1]) >= 1
+
+
+def test_vllm_serving_metrics_count_the_clusters_requests(svc):
+    """vLLM's own /metrics, fed by the instances' outputs and scheduler
+    stats: tokens generated count, per engine (i0 is engine 0)."""
+    def generated(text: str) -> float:
+        return sum(float(line.split()[-1]) for line in text.splitlines()
+                   if line.startswith('vllm:generation_tokens_total{engine="0"'))
+    with _http(svc) as http:
+        before = generated(http.get("/metrics").text)
+        r = http.post("/v1/completions", json={"model": "tiny", "prompt": "count me", "max_tokens": 12,
+                                               "temperature": 0, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        text = http.get("/metrics").text
+    assert generated(text) - before == 12
+    assert 'vllm:num_requests_running{engine="0"' in text and "llumigrate_dispatches_total" in text

@@ -59,22 +59,28 @@ async def _migrate_everything(cluster, until: asyncio.Event, results: list) -> N
 def test_two_frontend_processes_own_their_streams_across_migrations(loop, svc):
     async def go():
         refs = [await _complete(svc.http_port, p, stream=False) for p in PROMPTS]
-        done, results = asyncio.Event(), []
-        mover = asyncio.ensure_future(_migrate_everything(svc.cluster, done, results))
-        texts = await asyncio.gather(*(_complete(svc.http_port, p, stream=True) for p in PROMPTS))
-        done.set()
-        await mover
-        handles = {h.request_id: h for h in svc.cluster.requests.values()}
-        return refs, texts, results, handles
-    refs, texts, results, handles = loop.run(go(), timeout=900)
-    differ = [k for k, (a, b) in enumerate(zip(refs, texts)) if a != b]
-    assert not differ, [(k, refs[k][:80], texts[k][:80]) for k in differ]
-    committed = [r for r in results if r.committed]
-    assert committed, [(r.state, r.reason) for r in results]
+        rounds = []
+        for _ in range(3):   # until a stream of the second process was moved (which requests move is timing)
+            done, results = asyncio.Event(), []
+            mover = asyncio.ensure_future(_migrate_everything(svc.cluster, done, results))
+            texts = await asyncio.gather(*(_complete(svc.http_port, p, stream=True) for p in PROMPTS))
+            done.set()
+            await mover
+            handles = {h.request_id: h for h in svc.cluster.requests.values()}
+            rounds.append((texts, results, handles))
+            if any(r.committed and handles[r.request_id].owner == "f1" for r in results):
+                break
+        return refs, rounds
+    refs, rounds = loop.run(go(), timeout=1800)
+    for texts, results, _ in rounds:
+        differ = [k for k, (a, b) in enumerate(zip(refs, texts)) if a != b]
+        assert not differ, [(k, refs[k][:80], texts[k][:80]) for k in differ]
+        assert any(r.committed for r in results), [(r.state, r.reason) for r in results]
+    _, results, handles = rounds[-1]
     # Both processes served (the serve process's own requests have no owner),
     # and a stream of the other one moved with its outputs going to it
     # straight from the agents (`remote`), not relayed by the serve process.
     assert {h.owner for h in handles.values()} == {None, "f1"}
-    moved_remote = [r for r in committed if handles[r.request_id].owner == "f1"
+    moved_remote = [r for r in results if r.committed and handles[r.request_id].owner == "f1"
                     and handles[r.request_id].remote]
-    assert moved_remote, [(r.request_id, handles[r.request_id].owner) for r in committed]
+    assert moved_remote, [(r.request_id, handles[r.request_id].owner, r.state) for r in results]
